@@ -1,0 +1,14 @@
+"""DataModules and split functions for one-class novelty detection."""
+
+from rae_lightning.data.base import BatchTensorDataset, NoveltyDataModule
+from rae_lightning.data.digits import DigitsDataModule
+from rae_lightning.data.splits import NoveltySplit, anomaly_flags, novelty_split
+
+__all__ = [
+    "BatchTensorDataset",
+    "DigitsDataModule",
+    "NoveltyDataModule",
+    "NoveltySplit",
+    "anomaly_flags",
+    "novelty_split",
+]

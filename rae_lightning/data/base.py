@@ -1,0 +1,180 @@
+"""The base DataModule: in-memory tensors, a novelty split, batches cut without per-sample work."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from rae_lightning.data.splits import NoveltySplit, novelty_split
+
+log = logging.getLogger(__name__)
+
+
+class BatchTensorDataset(Dataset):
+    """Features and labels held as tensors and indexed a whole batch at a time.
+
+    The DataLoader's fetcher calls ``__getitems__`` with the list of indices of a batch,
+    so a batch is one tensor indexing operation instead of one Python call per sample.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+        self.x = x
+        self.y = y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.x[index], self.y[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.x[idx], self.y[idx]
+
+
+def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Collate function for :class:`BatchTensorDataset`: the batch is already stacked."""
+    return batch
+
+
+class NoveltyDataModule(L.LightningDataModule):
+    """Base DataModule for one-class novelty detection on an in-memory dataset.
+
+    Subclasses implement :meth:`load` (features and class labels of every sample) and
+    :attr:`input_dim`. The base splits with :func:`novelty_split`, scales with statistics
+    of the training normals only, and serves batches ``(x, y)`` with ``x`` of shape
+    ``(batch, input_dim)`` (float32) and ``y`` of shape ``(batch,)`` (1 = anomaly).
+
+    Args:
+        protocol: ``one_vs_rest``, ``leave_one_out`` or ``binary`` (see ``novelty_split``).
+        classes: the classes the protocol names (normal for one_vs_rest, anomalous for
+            leave_one_out, anomaly label values for binary).
+        train_frac: share of the normals used for training.
+        val_frac: share of the normals used for validation.
+        test_frac: share of the normals used for testing; default, all the rest.
+        anomaly_val_frac: share of the anomalies that go to validation.
+        anomaly_ratio: if set, the share of anomalies in val and in test.
+        standardize: z-score each feature with mean and std of the training normals.
+        seed: seed of the split.
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation, test and predict; default 4x training.
+        num_workers: DataLoader workers; 0 is fastest for in-memory tensors.
+        pin_memory: pin host memory for faster copies to a GPU.
+    """
+
+    def __init__(
+        self,
+        protocol: str = "one_vs_rest",
+        classes: Sequence[int] | None = (0,),
+        train_frac: float = 0.6,
+        val_frac: float = 0.2,
+        test_frac: float | None = None,
+        anomaly_val_frac: float = 0.5,
+        anomaly_ratio: float | None = None,
+        standardize: bool = False,
+        seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be at least 1, got {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be at least 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.split: NoveltySplit | None = None
+        self.datasets: dict[str, BatchTensorDataset] = {}
+        self.mean: Tensor | None = None
+        self.std: Tensor | None = None
+
+    @property
+    def input_dim(self) -> int:
+        """Features per sample, as the model sees them."""
+        raise NotImplementedError(f"{type(self).__name__} must define input_dim")
+
+    @property
+    def image_shape(self) -> tuple[int, ...] | None:
+        """``(channels, height, width)`` for image data, else None."""
+        return None
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """All samples as ``(features (n, input_dim) float, class labels (n,))``."""
+        raise NotImplementedError(f"{type(self).__name__} must define load()")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        features, labels = self.load()
+        hp = self.hparams
+        split = novelty_split(
+            labels,
+            protocol=hp.protocol,
+            classes=hp.classes,
+            train_frac=hp.train_frac,
+            val_frac=hp.val_frac,
+            test_frac=hp.test_frac,
+            anomaly_val_frac=hp.anomaly_val_frac,
+            anomaly_ratio=hp.anomaly_ratio,
+            seed=hp.seed,
+        )
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        y = torch.as_tensor(split.is_anomaly, dtype=torch.long)
+        if hp.standardize:
+            train_x = x[split.train]
+            self.mean = train_x.mean(dim=0)
+            self.std = train_x.std(dim=0).clamp_min(1e-6)
+            x = (x - self.mean) / self.std
+        self.split = split
+        for name in ("train", "val", "test"):
+            idx = torch.as_tensor(getattr(split, name), dtype=torch.long)
+            self.datasets[name] = BatchTensorDataset(x[idx].contiguous(), y[idx].contiguous())
+        log.info(
+            "%s: protocol=%s classes=%s input_dim=%d; %s",
+            type(self).__name__,
+            hp.protocol,
+            list(hp.classes) if hp.classes is not None else None,
+            self.input_dim,
+            split.describe(),
+        )
+
+    def _loader(self, name: str, train: bool = False) -> DataLoader:
+        if name not in self.datasets:
+            raise RuntimeError(f"call setup() before asking for the {name} dataloader")
+        dataset = self.datasets[name]
+        hp = self.hparams
+        batch_size = hp.batch_size if train else (hp.eval_batch_size or 4 * hp.batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            # BatchNorm cannot train on a batch of one sample
+            drop_last=train and len(dataset) > batch_size,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.num_workers > 0,
+            collate_fn=keep_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,43 @@
+"""Test helpers: an independent gradient-norm recorder and TensorBoard event reading."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def total_grad_norm(module: L.LightningModule) -> float:
+    """The 2-norm of all gradients, summed in float64 in plain Python."""
+    total = 0.0
+    for p in module.parameters():
+        if p.grad is not None:
+            total += float(p.grad.double().pow(2).sum())
+    return math.sqrt(total)
+
+
+class GradNormRecorder(L.Callback):
+    """Records the gradient norm before clipping and after it, per optimisation step."""
+
+    def __init__(self) -> None:
+        self.pre_clip: dict[int, float] = {}
+        self.post_clip: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # callbacks run before the module's hook, and both before the Trainer clips
+        self.pre_clip[trainer.global_step] = total_grad_norm(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # the optimizer has stepped; the gradients it used (clipped) are still in place
+        self.post_clip[trainer.global_step - 1] = total_grad_norm(pl_module)
+
+
+def read_scalars(log_dir: str | Path, tag: str) -> dict[int, float]:
+    """Scalar values of one tag in a TensorBoard log folder, keyed by step."""
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return {}
+    return {event.step: event.value for event in acc.Scalars(tag)}

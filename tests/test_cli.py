@@ -1,0 +1,107 @@
+"""The `rae` command: configs, fit then test, g_norm in TensorBoard, checkpoint lookup."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import GradNormRecorder, read_scalars
+
+from rae_lightning import AnomalyDetector, NoveltyDataModule
+from rae_lightning.cli import RAECLI, find_best_checkpoint, main
+
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+DIGITS_RAE = Path(__file__).parents[1] / "configs" / "digits_rae.yaml"
+
+
+def _quick(tmp_path: Path, *extra: str) -> list[str]:
+    """Trainer overrides for a run of a few steps in tmp_path."""
+    return [
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
+
+
+def test_configs_exist() -> None:
+    names = {path.stem for path in CONFIGS}
+    assert {"digits_ae", "digits_rae", "digits_vae", "digits_rvae"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
+def test_every_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
+    args = ["--config", str(config), f"--trainer.default_root_dir={tmp_path}"]
+    cli = RAECLI(args=args, run=False)
+
+    assert isinstance(cli.model, AnomalyDetector)
+    assert isinstance(cli.datamodule, NoveltyDataModule)
+    assert cli.model.hparams.input_dim == cli.datamodule.input_dim
+    assert cli.trainer.gradient_clip_val is not None
+    assert cli.trainer.gradient_clip_algorithm == "norm"
+
+
+def test_g_norm_in_tensorboard_equals_the_pre_clip_norm(tmp_path: Path) -> None:
+    args = ["--config", str(DIGITS_RAE), *_quick(tmp_path, "--trainer.log_every_n_steps=4")]
+    cli = RAECLI(args=args, run=False)
+    recorder = GradNormRecorder()
+    cli.trainer.callbacks.append(recorder)
+
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+    logged = read_scalars(cli.trainer.logger.log_dir, "g_norm")
+    assert sorted(logged) == list(range(6))
+    for step, value in logged.items():
+        assert value == pytest.approx(recorder.pre_clip[step], rel=1e-5)
+    assert read_scalars(cli.trainer.logger.log_dir, "val/auroc")
+    assert (Path(cli.trainer.logger.log_dir) / "config.yaml").is_file()
+
+
+def test_fit_then_test_takes_the_newest_best_checkpoint(tmp_path: Path, caplog) -> None:
+    main(["fit", "--config", str(DIGITS_RAE), *_quick(tmp_path)])
+    first = find_best_checkpoint(tmp_path / "lightning_logs")
+    main(["fit", "--config", str(DIGITS_RAE), *_quick(tmp_path)])
+    newest = find_best_checkpoint(tmp_path / "lightning_logs")
+    assert first is not None and newest is not None
+    assert first.parent.parent.name == "version_0"
+    assert newest.parent.parent.name == "version_1"
+
+    with caplog.at_level("INFO"):
+        main(["test", "--config", str(DIGITS_RAE), *_quick(tmp_path)])
+
+    assert f"Using the best checkpoint of the newest run: {newest}" in caplog.text
+    test_logs = tmp_path / "lightning_logs" / "version_2"
+    auroc = read_scalars(test_logs, "test/auroc")
+    assert len(auroc) == 1
+    assert 0.0 <= next(iter(auroc.values())) <= 1.0
+
+
+def test_test_takes_an_explicit_checkpoint(tmp_path: Path, caplog) -> None:
+    main(["fit", "--config", str(DIGITS_RAE), *_quick(tmp_path)])
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+
+    with caplog.at_level("INFO"):
+        main(["test", "--config", str(DIGITS_RAE), *_quick(tmp_path), f"--ckpt_path={last}"])
+
+    assert f"Using checkpoint {last}" in caplog.text
+
+
+def test_test_without_any_run_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="run `rae fit` first or pass --ckpt_path"):
+        main(["test", "--config", str(DIGITS_RAE), *_quick(tmp_path)])
+
+
+def test_console_script_runs_fit(tmp_path: Path) -> None:
+    # the installed entry point, as a user types it, in a fresh process
+    cmd = [sys.executable, "-m", "rae_lightning", "fit", "--config", str(DIGITS_RAE)]
+    result = subprocess.run([*cmd, *_quick(tmp_path)], capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "DigitsDataModule: protocol=one_vs_rest" in result.stderr
+    assert list((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("epoch*.ckpt"))
