@@ -103,5 +103,5 @@ def test_console_script_runs_fit(tmp_path: Path) -> None:
     result = subprocess.run([*cmd, *_quick(tmp_path)], capture_output=True, text=True, timeout=300)
 
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "DigitsDataModule: protocol=one_vs_rest" in result.stderr
+    assert "DigitsDataModule: protocol=leave_one_out" in result.stderr
     assert list((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("epoch*.ckpt"))
