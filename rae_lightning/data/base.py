@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -49,9 +50,11 @@ class NoveltyDataModule(L.LightningDataModule):
     """Base DataModule for one-class novelty detection on an in-memory dataset.
 
     Subclasses implement :meth:`load` (features and class labels of every sample) and
-    :attr:`input_dim`. The base splits with :func:`novelty_split`, scales with statistics
-    of the training normals only, and serves batches ``(x, y)`` with ``x`` of shape
-    ``(batch, input_dim)`` (float32) and ``y`` of shape ``(batch,)`` (1 = anomaly).
+    :attr:`input_dim`. The base splits with :meth:`make_split` (by default
+    :func:`novelty_split` with the arguments below), scales with statistics of the
+    training normals only, and serves batches ``(x, y)`` with ``x`` of shape
+    ``(batch, input_dim)`` (float32) and ``y`` of shape ``(batch,)`` (1 = anomaly,
+    0 = normal, -1 = unknown label).
 
     Args:
         protocol: ``one_vs_rest``, ``leave_one_out`` or ``binary`` (see ``novelty_split``).
@@ -73,7 +76,7 @@ class NoveltyDataModule(L.LightningDataModule):
     def __init__(
         self,
         protocol: str = "one_vs_rest",
-        classes: Sequence[int] | None = (0,),
+        classes: Sequence[int | str] | None = (0,),
         train_frac: float = 0.6,
         val_frac: float = 0.2,
         test_frac: float | None = None,
@@ -109,45 +112,86 @@ class NoveltyDataModule(L.LightningDataModule):
         """``(channels, height, width)`` for image data, else None."""
         return None
 
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """All samples as ``(features (n, input_dim) float, class labels (n,))``."""
+    def load(self) -> tuple[np.ndarray | Tensor, np.ndarray]:
+        """All samples as ``(features (n, input_dim), class labels (n,))``.
+
+        Features may be of any numeric dtype (images stay uint8 here); they are turned
+        into float32 one split at a time and multiplied by :attr:`value_scale`.
+        """
         raise NotImplementedError(f"{type(self).__name__} must define load()")
+
+    #: factor applied to the features after the float conversion (1/255 for 8-bit images)
+    value_scale: float = 1.0
+
+    def split_kwargs(self) -> dict:
+        """The arguments of :func:`novelty_split` that the hyperparameters set."""
+        hp = self.hparams
+        return {
+            "protocol": hp.protocol,
+            "classes": hp.classes,
+            "train_frac": hp.train_frac,
+            "val_frac": hp.val_frac,
+            "test_frac": hp.test_frac,
+            "anomaly_val_frac": hp.anomaly_val_frac,
+            "anomaly_ratio": hp.anomaly_ratio,
+            "seed": hp.seed,
+        }
+
+    def make_split(self, labels: np.ndarray) -> NoveltySplit:
+        """The novelty split of the samples that :meth:`load` returned.
+
+        Subclasses whose data ships its own splits or unlabelled samples override this to
+        pass ``source`` or ``labelled`` on to :func:`novelty_split`.
+        """
+        return novelty_split(labels, **self.split_kwargs())
+
+    def describe_classes(self) -> str:
+        """Which classes are normal, in words, for the setup log line."""
+        hp = self.hparams
+        classes = list(hp.classes) if hp.classes is not None else None
+        if hp.protocol == "one_vs_rest":
+            return f"normal classes {classes}, every other class anomalous"
+        if hp.protocol == "leave_one_out":
+            return f"anomalous classes {classes}, every other class normal"
+        return f"anomaly label values {classes or [1]}"
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         features, labels = self.load()
-        hp = self.hparams
-        split = novelty_split(
-            labels,
-            protocol=hp.protocol,
-            classes=hp.classes,
-            train_frac=hp.train_frac,
-            val_frac=hp.val_frac,
-            test_frac=hp.test_frac,
-            anomaly_val_frac=hp.anomaly_val_frac,
-            anomaly_ratio=hp.anomaly_ratio,
-            seed=hp.seed,
-        )
-        x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-        y = torch.as_tensor(split.is_anomaly, dtype=torch.long)
-        if hp.standardize:
-            train_x = x[split.train]
-            self.mean = train_x.mean(dim=0)
-            self.std = train_x.std(dim=0).clamp_min(1e-6)
-            x = (x - self.mean) / self.std
-        self.split = split
+        split = self.make_split(labels)
+        x_all = torch.as_tensor(features)
+        y_all = torch.as_tensor(split.is_anomaly, dtype=torch.long)
+        xs = {}
         for name in ("train", "val", "test"):
             idx = torch.as_tensor(getattr(split, name), dtype=torch.long)
-            self.datasets[name] = BatchTensorDataset(x[idx].contiguous(), y[idx].contiguous())
+            xs[name] = x_all[idx].to(torch.float32)
+            if self.value_scale != 1.0:
+                xs[name].mul_(self.value_scale)
+        if self.hparams.standardize:
+            self.mean = xs["train"].mean(dim=0)
+            self.std = xs["train"].std(dim=0).nan_to_num(1.0).clamp_min(1e-6)
+            for name in xs:
+                xs[name].sub_(self.mean).div_(self.std)
+        self.split = split
+        for name, x in xs.items():
+            idx = torch.as_tensor(getattr(split, name), dtype=torch.long)
+            self.datasets[name] = BatchTensorDataset(x.contiguous(), y_all[idx].contiguous())
         log.info(
-            "%s: protocol=%s classes=%s input_dim=%d; %s",
+            "%s: protocol=%s, %s, input_dim=%d; %s",
             type(self).__name__,
-            hp.protocol,
-            list(hp.classes) if hp.classes is not None else None,
+            self.hparams.protocol,
+            self.describe_classes(),
             self.input_dim,
             split.describe(),
         )
+        for name in ("val", "test"):
+            present = split.classes_present(name)
+            if len(present) < 2 and len(getattr(split, name)) > 0:
+                rank_zero_warn(
+                    f"the {name} split holds labels {present} only (1 = anomaly, 0 = normal):"
+                    f" {name}/auroc needs both; it will not be meaningful"
+                )
 
     def _loader(self, name: str, train: bool = False) -> DataLoader:
         if name not in self.datasets:

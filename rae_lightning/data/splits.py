@@ -15,14 +15,16 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("one_vs_rest", "leave_one_out", "binary")
+SOURCES = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class NoveltySplit:
     """Indices into the dataset for each split, and the anomaly flag of every sample.
 
-    ``train`` holds normal samples only; ``val`` and ``test`` hold both. ``is_anomaly``
-    has one entry per sample of the whole dataset (1 = anomaly, 0 = normal).
+    ``train`` holds normal (or unlabelled) samples only; ``val`` and ``test`` hold both.
+    ``is_anomaly`` has one entry per sample of the whole dataset (1 = anomaly, 0 = normal,
+    -1 = unknown: an unlabelled sample).
     """
 
     train: np.ndarray
@@ -35,12 +37,23 @@ class NoveltySplit:
         return self.is_anomaly[getattr(self, split)].astype(np.int64)
 
     def describe(self) -> str:
-        """One line with the size and anomaly count of each split."""
+        """One line with the size, anomaly count and anomaly ratio of each split."""
         parts = []
         for name in ("train", "val", "test"):
-            idx = getattr(self, name)
-            parts.append(f"{name}={len(idx)} ({int(self.is_anomaly[idx].sum())} anomalies)")
+            flags = self.labels(name)
+            n_anom = int((flags == 1).sum())
+            n_known = int((flags >= 0).sum())
+            ratio = n_anom / n_known if n_known else float("nan")
+            part = f"{name}={len(flags)} ({n_anom} anomalies, ratio {ratio:.3f}"
+            if n_known < len(flags):
+                part += f", {len(flags) - n_known} unlabelled"
+            parts.append(part + ")")
         return ", ".join(parts)
+
+    def classes_present(self, split: str) -> list[int]:
+        """The known anomaly labels (0 and/or 1) present in ``split``."""
+        flags = self.labels(split)
+        return sorted(set(np.unique(flags[flags >= 0]).tolist()))
 
 
 def anomaly_flags(
@@ -91,6 +104,18 @@ def _balance(normals: np.ndarray, anomalies: np.ndarray, ratio: float | None):
     return normals[:n_norm], anomalies[:n_anom]
 
 
+def _cut(items: np.ndarray, *fractions: float | None) -> list[np.ndarray]:
+    """Consecutive pieces of ``items`` holding the given shares of it (rounded); a share of
+    None takes all the rest."""
+    pieces, start = [], 0
+    for frac in fractions:
+        size = len(items) - start if frac is None else int(round(frac * len(items)))
+        stop = min(start + size, len(items))
+        pieces.append(items[start:stop])
+        start = stop
+    return pieces
+
+
 def novelty_split(
     labels: np.ndarray,
     protocol: str = "one_vs_rest",
@@ -101,14 +126,30 @@ def novelty_split(
     anomaly_val_frac: float = 0.5,
     anomaly_ratio: float | None = None,
     seed: int = 0,
+    anomaly_test_frac: float | None = None,
+    source: np.ndarray | None = None,
+    labelled: np.ndarray | None = None,
 ) -> NoveltySplit:
     """Split a labelled dataset for one-class novelty detection.
 
     The normal samples are shuffled and cut into train, val and test by the fractions
     (``test_frac`` defaults to the rest). The anomalies are shuffled and shared between
-    val and test by ``anomaly_val_frac``. With ``anomaly_ratio``, val and test are each
-    trimmed (anomalies or normals dropped, never moved) so that anomalies make up that
-    share of the split. Train never holds an anomaly.
+    val and test by ``anomaly_val_frac`` (``anomaly_test_frac`` defaults to the rest).
+    With ``anomaly_ratio``, val and test are each trimmed (anomalies or normals dropped,
+    never moved) so that anomalies make up that share of the split. Train never holds an
+    anomaly.
+
+    ``source`` says where a sample comes from when the data ships its own splits:
+    samples from ``"val"`` all go to val and samples from ``"test"`` all go to test; only
+    the ``"train"`` samples are cut by the fractions. When some sample comes from
+    ``"test"``, ``test_frac`` and ``anomaly_test_frac`` default to 0, so the held-out
+    ``"train"`` samples validate and the test split is exactly the shipped one. This is
+    the classic image protocol (train on the normal class of the official training set,
+    validate on held-out training samples, test on the whole official test set) and the
+    protocol of a user's own train / val / test files.
+
+    Unlabelled samples (``labelled`` False) count as normal for the split, so they may
+    train, and get the flag -1 (unknown) in ``is_anomaly``.
 
     Args:
         labels: class label of every sample, shape ``(n,)``.
@@ -116,55 +157,97 @@ def novelty_split(
         classes: the classes the protocol names.
         train_frac: share of the normals used for training.
         val_frac: share of the normals used for validation.
-        test_frac: share of the normals used for testing; default, all the rest.
+        test_frac: share of the normals used for testing; default, all the rest (0 when
+            the data ships test samples).
         anomaly_val_frac: share of the anomalies that go to validation.
         anomaly_ratio: if set, the share of anomalies in val and in test, in (0, 1).
         seed: seed of the shuffles.
+        anomaly_test_frac: share of the anomalies that go to testing; default, all the
+            rest (0 when the data ships test samples).
+        source: ``"train"``, ``"val"`` or ``"test"`` for every sample, shape ``(n,)``;
+            default, all ``"train"``.
+        labelled: whether each sample's label is known, shape ``(n,)``; default, all.
 
     Returns:
         The indices of each split and the anomaly flag of every sample.
     """
+    labels = np.asarray(labels)
+    n_samples = len(labels)
+    source = _check_source(source, n_samples)
+    labelled = np.ones(n_samples, bool) if labelled is None else np.asarray(labelled, bool)
+    if labelled.shape != (n_samples,):
+        raise ValueError(f"labelled must have shape ({n_samples},), got {labelled.shape}")
+    ships_test = bool((source == "test").any())
     _check_fraction("train_frac", train_frac)
     _check_fraction("val_frac", val_frac)
     _check_fraction("anomaly_val_frac", anomaly_val_frac)
-    if test_frac is None:
-        test_frac = max(0.0, 1.0 - train_frac - val_frac)
-    _check_fraction("test_frac", test_frac)
-    if train_frac + val_frac + test_frac > 1.0 + 1e-9:
+    # None: the rest of the shuffled samples (0 when the data ships its own test split)
+    if test_frac is None and ships_test:
+        test_frac = 0.0
+    if test_frac is not None:
+        _check_fraction("test_frac", test_frac)
+    if train_frac + val_frac + (test_frac or 0.0) > 1.0 + 1e-9:
         raise ValueError(
             "train_frac + val_frac + test_frac must be at most 1, got "
             f"{train_frac} + {val_frac} + {test_frac}"
         )
+    if anomaly_test_frac is None and ships_test:
+        anomaly_test_frac = 0.0
+    if anomaly_test_frac is not None:
+        _check_fraction("anomaly_test_frac", anomaly_test_frac)
+    if anomaly_val_frac + (anomaly_test_frac or 0.0) > 1.0 + 1e-9:
+        raise ValueError(
+            "anomaly_val_frac + anomaly_test_frac must be at most 1, got "
+            f"{anomaly_val_frac} + {anomaly_test_frac}"
+        )
     if anomaly_ratio is not None and not 0.0 < anomaly_ratio < 1.0:
         raise ValueError(f"anomaly_ratio must be in (0, 1) or None, got {anomaly_ratio}")
 
-    flags = anomaly_flags(labels, protocol, classes)
+    flags = np.zeros(n_samples, bool)
+    if labelled.any():
+        flags[labelled] = anomaly_flags(labels[labelled], protocol, classes)
     rng = np.random.default_rng(seed)
-    normals = rng.permutation(np.flatnonzero(~flags))
-    anomalies = rng.permutation(np.flatnonzero(flags))
+    pool = source == "train"
+    normals = rng.permutation(np.flatnonzero(~flags & pool))
+    anomalies = rng.permutation(np.flatnonzero(flags & pool))
     if len(normals) == 0:
-        raise ValueError(f"no normal samples under protocol {protocol!r} with classes {classes}")
-
-    n = len(normals)
-    n_train = int(round(train_frac * n))
-    n_val = int(round(val_frac * n))
-    n_test = min(int(round(test_frac * n)), n - n_train - n_val)
-    if n_train == 0:
         raise ValueError(
-            f"the training split is empty: train_frac={train_frac} of {n} normal samples"
+            f"no normal training samples under protocol {protocol!r} with classes {classes}"
         )
-    train = normals[:n_train]
-    val_norm = normals[n_train : n_train + n_val]
-    test_norm = normals[n_train + n_val : n_train + n_val + n_test]
 
-    n_anom_val = int(round(anomaly_val_frac * len(anomalies)))
-    val_anom, test_anom = anomalies[:n_anom_val], anomalies[n_anom_val:]
-    val_norm, val_anom = _balance(val_norm, val_anom, anomaly_ratio)
-    test_norm, test_anom = _balance(test_norm, test_anom, anomaly_ratio)
+    train, val_norm, test_norm = _cut(normals, train_frac, val_frac, test_frac)
+    if len(train) == 0:
+        raise ValueError(
+            f"the training split is empty: train_frac={train_frac} of {len(normals)} "
+            "normal samples"
+        )
+    val_anom, test_anom = _cut(anomalies, anomaly_val_frac, anomaly_test_frac)
+    for name, norm, anom in (("val", val_norm, val_anom), ("test", test_norm, test_anom)):
+        shipped = rng.permutation(np.flatnonzero(source == name))
+        norm = np.concatenate([norm, shipped[~flags[shipped]]])
+        anom = np.concatenate([anom, shipped[flags[shipped]]])
+        if name == "val":
+            val_norm, val_anom = _balance(norm, anom, anomaly_ratio)
+        else:
+            test_norm, test_anom = _balance(norm, anom, anomaly_ratio)
 
+    is_anomaly = flags.astype(np.int64)
+    is_anomaly[~labelled] = -1
     return NoveltySplit(
         train=np.sort(train),
-        val=np.sort(np.concatenate([val_norm, val_anom])),
-        test=np.sort(np.concatenate([test_norm, test_anom])),
-        is_anomaly=flags.astype(np.int64),
+        val=np.sort(np.concatenate([val_norm, val_anom]).astype(np.int64)),
+        test=np.sort(np.concatenate([test_norm, test_anom]).astype(np.int64)),
+        is_anomaly=is_anomaly,
     )
+
+
+def _check_source(source: np.ndarray | None, n_samples: int) -> np.ndarray:
+    if source is None:
+        return np.full(n_samples, "train")
+    source = np.asarray(source).astype(str)
+    if source.shape != (n_samples,):
+        raise ValueError(f"source must have shape ({n_samples},), got {source.shape}")
+    unknown = sorted(set(np.unique(source).tolist()) - set(SOURCES))
+    if unknown:
+        raise ValueError(f"source values must be in {list(SOURCES)}, got {unknown}")
+    return source
