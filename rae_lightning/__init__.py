@@ -1,6 +1,11 @@
 """rae-lightning: anomaly detection with deep (residual, variational) autoencoders."""
 
-from rae_lightning.data import DigitsDataModule, NoveltyDataModule, novelty_split
+from rae_lightning.data import (
+    DigitsDataModule,
+    ImageDataModule,
+    NoveltyDataModule,
+    novelty_split,
+)
 from rae_lightning.models import AnomalyDetector, AutoEncoder, VariationalAutoEncoder
 from rae_lightning.networks import AutoEncoderNet, VAENet
 
@@ -11,6 +16,7 @@ __all__ = [
     "AutoEncoder",
     "AutoEncoderNet",
     "DigitsDataModule",
+    "ImageDataModule",
     "NoveltyDataModule",
     "VAENet",
     "VariationalAutoEncoder",
