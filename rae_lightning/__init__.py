@@ -4,6 +4,7 @@ from rae_lightning.data import (
     DigitsDataModule,
     ImageDataModule,
     NoveltyDataModule,
+    TabularDataModule,
     novelty_split,
 )
 from rae_lightning.models import AnomalyDetector, AutoEncoder, VariationalAutoEncoder
@@ -18,6 +19,7 @@ __all__ = [
     "DigitsDataModule",
     "ImageDataModule",
     "NoveltyDataModule",
+    "TabularDataModule",
     "VAENet",
     "VariationalAutoEncoder",
     "novelty_split",

@@ -188,9 +188,10 @@ class NoveltyDataModule(L.LightningDataModule):
         for name in ("val", "test"):
             present = split.classes_present(name)
             if len(present) < 2 and len(getattr(split, name)) > 0:
+                held = {(): "no labelled sample", (0,): "normals only", (1,): "anomalies only"}
                 rank_zero_warn(
-                    f"the {name} split holds labels {present} only (1 = anomaly, 0 = normal):"
-                    f" {name}/auroc needs both; it will not be meaningful"
+                    f"the {name} split holds {held[tuple(present)]}: {name}/auroc needs "
+                    "normals and anomalies and will not be meaningful"
                 )
 
     def _loader(self, name: str, train: bool = False) -> DataLoader:
