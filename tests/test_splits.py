@@ -76,3 +76,95 @@ def test_protocol_flags() -> None:
 def test_bad_arguments_name_the_parameter(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         novelty_split(LABELS, **({"protocol": "one_vs_rest", "classes": [0]} | kwargs))
+
+
+# Data that ships its own splits: 300 "official" training samples, 200 test samples
+SOURCE = np.array(["train"] * 300 + ["test"] * 200)
+SHIPPED = np.concatenate([np.arange(300) % 10, np.arange(200) % 10])
+SOURCE_CASES = [
+    pytest.param(protocol, classes, ratio, id=f"{protocol}-{ratio}")
+    for protocol, classes in (("one_vs_rest", [3]), ("leave_one_out", [3]), ("binary", [1]))
+    for ratio in (None, 0.35)
+]
+
+
+@pytest.mark.parametrize(("protocol", "classes", "ratio"), SOURCE_CASES)
+def test_shipped_splits_keep_their_samples(protocol: str, classes: list[int], ratio) -> None:
+    split = novelty_split(
+        SHIPPED, protocol, classes, train_frac=0.8, val_frac=0.2, anomaly_val_frac=0.1,
+        anomaly_ratio=ratio, seed=3, source=SOURCE,
+    )  # fmt: skip
+
+    assert split.is_anomaly[split.train].sum() == 0
+    all_idx = np.concatenate([split.train, split.val, split.test])
+    assert len(all_idx) == len(np.unique(all_idx))
+    assert (split.train < 300).all() and (split.val < 300).all()
+    assert (split.test >= 300).all()
+    n_normal = int((split.is_anomaly[:300] == 0).sum())
+    assert abs(len(split.train) - 0.8 * n_normal) <= 1
+    if ratio is None:
+        # the whole shipped test set, and the requested share of the held-out anomalies
+        np.testing.assert_array_equal(split.test, np.arange(300, 500))
+        n_anom = int(split.is_anomaly[:300].sum())
+        assert abs(split.labels("val").sum() - 0.1 * n_anom) <= 1
+    else:
+        for name in ("val", "test"):
+            assert abs(split.labels(name).sum() - ratio * len(getattr(split, name))) <= 1
+    again = novelty_split(
+        SHIPPED, protocol, classes, train_frac=0.8, val_frac=0.2, anomaly_val_frac=0.1,
+        anomaly_ratio=ratio, seed=3, source=SOURCE,
+    )  # fmt: skip
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(split, name), getattr(again, name))
+
+
+def test_shipped_val_and_test_files() -> None:
+    source = np.array(["train"] * 100 + ["val"] * 30 + ["test"] * 40)
+    labels = np.concatenate([np.zeros(100), np.arange(30) % 2, np.arange(40) % 4 == 0])
+    split = novelty_split(labels, "binary", [1], train_frac=1.0, val_frac=0.0, source=source)
+
+    np.testing.assert_array_equal(split.train, np.arange(100))
+    np.testing.assert_array_equal(split.val, np.arange(100, 130))
+    np.testing.assert_array_equal(split.test, np.arange(130, 170))
+
+
+@pytest.mark.parametrize("n_anomalies", [1, 5, 9, 45])
+def test_default_fractions_use_every_sample(n_anomalies: int) -> None:
+    labels = np.concatenate([np.zeros(97, int), np.ones(n_anomalies, int)])
+    split = novelty_split(labels, "binary", [1], anomaly_val_frac=0.5, seed=0)
+
+    assert len(split.train) + len(split.val) + len(split.test) == len(labels)
+
+
+def test_unlabelled_samples_train_and_are_flagged_unknown() -> None:
+    labels = np.zeros(200, int)
+    labelled = np.arange(200) >= 120  # the first 120 samples have no label
+    labels[180:] = 1
+    split = novelty_split(labels, "binary", [1], labelled=labelled, seed=0)
+
+    np.testing.assert_array_equal(split.is_anomaly[:120], -1)
+    assert (split.is_anomaly[split.train] <= 0).all()
+    assert (split.is_anomaly[split.train] == -1).any()
+    assert split.classes_present("test") == [0, 1]
+    assert "unlabelled" in split.describe()
+
+
+def test_all_unlabelled_data_needs_no_class_to_be_present() -> None:
+    split = novelty_split(np.zeros(50, int), "one_vs_rest", [4], labelled=np.zeros(50, bool))
+
+    assert len(split.train) == 30 and (split.is_anomaly == -1).all()
+    assert split.classes_present("val") == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"source": np.array(["train"] * 499 + ["holdout"])}, r"source values must be in"),
+        ({"source": np.array(["train"] * 3)}, r"source must have shape \(500,\)"),
+        ({"anomaly_val_frac": 0.6, "anomaly_test_frac": 0.6}, "at most 1"),
+        ({"labelled": np.ones(3, bool)}, r"labelled must have shape \(500,\)"),
+    ],
+)
+def test_bad_source_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        novelty_split(LABELS, "one_vs_rest", [0], **kwargs)
