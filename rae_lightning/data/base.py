@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from rae_lightning.data.splits import NoveltySplit, novelty_split
 
@@ -36,9 +36,38 @@ class BatchTensorDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.x[index], self.y[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: list[int] | Tensor) -> tuple[Tensor, Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.x[idx], self.y[idx]
+
+
+class TensorBatchSampler(BatchSampler):
+    """A BatchSampler that yields each batch of indices as one int64 tensor.
+
+    For a :class:`RandomSampler` (without replacement) or a :class:`SequentialSampler`
+    the order of a whole epoch is one ``randperm`` or ``arange``, cut into slices: no
+    Python work per sample. Any other sampler (a ``DistributedSampler`` that Lightning
+    puts in) is read in full and cut the same way. Lightning can re-create this class
+    with another sampler, as it does for the torch ``BatchSampler``.
+    """
+
+    def __iter__(self) -> Iterator[Tensor]:
+        sampler = self.sampler
+        if type(sampler) is RandomSampler and not sampler.replacement:
+            generator = sampler.generator
+            if generator is None:
+                # as RandomSampler does: a fresh seed from torch's global generator
+                seed = int(torch.empty((), dtype=torch.int64).random_().item())
+                generator = torch.Generator().manual_seed(seed)
+            order = torch.randperm(len(sampler.data_source), generator=generator)
+            order = order[: sampler.num_samples]
+        elif type(sampler) is SequentialSampler:
+            order = torch.arange(len(sampler.data_source))
+        else:
+            order = torch.as_tensor(list(sampler), dtype=torch.long)
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(0, stop, self.batch_size):
+            yield order[start : start + self.batch_size]
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -200,12 +229,12 @@ class NoveltyDataModule(L.LightningDataModule):
         dataset = self.datasets[name]
         hp = self.hparams
         batch_size = hp.batch_size if train else (hp.eval_batch_size or 4 * hp.batch_size)
+        sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
+        # BatchNorm cannot train on a batch of one sample
+        drop_last = train and len(dataset) > batch_size
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            # BatchNorm cannot train on a batch of one sample
-            drop_last=train and len(dataset) > batch_size,
+            batch_sampler=TensorBatchSampler(sampler, batch_size, drop_last),
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory,
             persistent_workers=hp.num_workers > 0,
