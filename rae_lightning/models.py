@@ -3,32 +3,67 @@
 :class:`AutoEncoder` covers the AE and, with ``residual=True``, the RAE;
 :class:`VariationalAutoEncoder` covers the VAE and the residual VAE. Both share
 :class:`AnomalyDetector`: one step that computes the loss and per-sample anomaly scores,
-AUROC on validation and test, and the pre-clip gradient norm ``g_norm``.
+AUROC of every score type on validation and test, a decision threshold chosen on
+validation and saved with the checkpoint, pictures for TensorBoard, and the pre-clip
+gradient norm ``g_norm``. The RaPP scores (``sap``, ``nap``) come from
+:mod:`rae_lightning.scoring`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
+from torch.utils.data import DataLoader
+from torchmetrics import CatMetric, MeanMetric
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryAveragePrecision,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+    BinaryROC,
+)
+from torchvision.utils import make_grid
 
 from rae_lightning.networks import AutoEncoderNet, VAENet, kl_divergence
+from rae_lightning.scoring import (
+    NAPStatistics,
+    f1_optimal_threshold,
+    pathway_differences,
+    quantile_threshold,
+    sap_score,
+)
 
 log = logging.getLogger(__name__)
 
+THRESHOLD_RULES = ("quantile", "f1")
+
 
 class AnomalyDetector(L.LightningModule):
-    """Base class: one shared step, AUROC metrics and ``g_norm`` logging.
+    """Base class: one shared step, scores, AUROC metrics, threshold and ``g_norm`` logging.
 
-    Subclasses build ``self.net`` and implement :meth:`terms`, which maps a batch
-    ``(batch, input_dim)`` to per-sample tensors ``(batch,)``: at least ``loss`` and
-    every name in :attr:`score_types`.
+    Subclasses build ``self.net`` (with an ``encoder`` :class:`~rae_lightning.networks.
+    MLPStack`) and implement :meth:`forward_pass`, which maps a batch ``(batch, input_dim)``
+    to per-sample tensors ``(batch,)`` (at least ``loss`` and ``recon``) and the
+    deterministic reconstruction ``(batch, input_dim)``.
+
+    Score types: ``recon`` (input-space error), ``sap`` and ``nap`` (RaPP along the
+    encoder; NAP's statistics come from the training normals), and whatever a subclass
+    adds. Validation and test log ``stage/auroc`` for ``score`` and ``stage/auroc_<type>``
+    for every other type. Samples labelled -1 (unknown) are left out of every metric.
+
+    At the end of each validation the decision threshold on ``score`` is chosen from the
+    validation scores of all processes, kept in the ``threshold`` buffer (so it is saved in
+    the checkpoint) and logged as ``val/threshold``; a sample is anomalous when its score
+    is above it. ``test`` reports ``test/precision``, ``test/recall`` and ``test/f1`` at it.
 
     Args:
         input_dim: features per sample; linked from the DataModule by the CLI.
@@ -38,12 +73,17 @@ class AnomalyDetector(L.LightningModule):
         residual: build the stacks from pre-activation residual units.
         activation: activation name (``leaky_relu``, ``relu``, ``elu``, ``gelu``, ...).
         lr: learning rate handed to the optimizer.
-        score: the anomaly score that ``val/auroc`` and ``test/auroc`` use.
+        score: the anomaly score that ``val/auroc``, ``test/auroc`` and the threshold use.
+        threshold: rule for the threshold: ``quantile`` (the ``threshold_quantile``
+            quantile of the normal validation scores) or ``f1`` (the F1-optimal point on
+            validation; needs anomalies in validation, else the quantile is used, with a
+            warning).
+        threshold_quantile: quantile of the normal validation scores for ``quantile``.
         optimizer: optimizer class or callable taking ``(params, lr=...)``; Adam by default.
         lr_scheduler: optional scheduler callable taking the optimizer.
     """
 
-    score_types: tuple[str, ...] = ("recon",)
+    score_types: tuple[str, ...] = ("recon", "sap", "nap")
     logged_terms: tuple[str, ...] = ()
 
     def __init__(
@@ -56,6 +96,8 @@ class AnomalyDetector(L.LightningModule):
         activation: str = "leaky_relu",
         lr: float = 1e-3,
         score: str = "recon",
+        threshold: str = "quantile",
+        threshold_quantile: float = 0.95,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -67,6 +109,12 @@ class AnomalyDetector(L.LightningModule):
             )
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if threshold not in THRESHOLD_RULES:
+            raise ValueError(
+                f"threshold must be one of {list(THRESHOLD_RULES)}, got {threshold!r}"
+            )
+        if not 0.0 < threshold_quantile < 1.0:
+            raise ValueError(f"threshold_quantile must be in (0, 1), got {threshold_quantile}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -74,11 +122,33 @@ class AnomalyDetector(L.LightningModule):
 
         # Anomaly scores are unbounded: torchmetrics must rank them as they are, not
         # squash them with a sigmoid (which saturates and ties scores above ~17).
+        # Label -1 marks a sample whose label is unknown: metrics leave it out.
         self.val_loss = MeanMetric()
-        self.val_auroc = BinaryAUROC(normalization=None)
+        self.val_auroc = BinaryAUROC(normalization=None, ignore_index=-1)
         self.test_loss = MeanMetric()
-        self.test_auroc = BinaryAUROC(normalization=None)
-        self.test_auprc = BinaryAveragePrecision(normalization=None)
+        self.test_auroc = BinaryAUROC(normalization=None, ignore_index=-1)
+        self.test_auprc = BinaryAveragePrecision(normalization=None, ignore_index=-1)
+        self.other_auroc = nn.ModuleDict(
+            {
+                f"{stage}_{name}": BinaryAUROC(normalization=None, ignore_index=-1)
+                for stage in ("val", "test")
+                for name in self.score_types
+                if name != score
+            }
+        )
+        # decisions at the threshold are 0/1 ints, which the metrics take as they are
+        self.test_precision = BinaryPrecision(ignore_index=-1)
+        self.test_recall = BinaryRecall(ignore_index=-1)
+        self.test_f1 = BinaryF1Score(ignore_index=-1)
+        self.test_roc = BinaryROC(normalization=None, ignore_index=-1)
+        # (score, label) rows of every sample, gathered from all processes on compute()
+        self.val_scored = CatMetric(nan_strategy="disable")
+        self.test_scored = CatMetric(nan_strategy="disable")
+
+        self.nap = NAPStatistics(self._pathway_widths())
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self._picture: tuple[Tensor, Tensor] | None = None
+        self._has_threshold = False
 
         # g_norm of each optimisation step, kept on the device until the next flush
         self._g_norm_pending: list[tuple[int, Tensor]] = []
@@ -88,16 +158,129 @@ class AnomalyDetector(L.LightningModule):
         """The plain network this module trains."""
         raise NotImplementedError(f"{type(self).__name__} must define build_network()")
 
+    def forward_pass(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-sample loss and score terms of ``x`` ``(batch, input_dim)``, each ``(batch,)``,
+        and the reconstruction ``(batch, input_dim)``, deterministic in eval mode."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward_pass()")
+
     def terms(self, x: Tensor) -> dict[str, Tensor]:
         """Per-sample loss and score terms for ``x`` ``(batch, input_dim)``; each ``(batch,)``."""
-        raise NotImplementedError(f"{type(self).__name__} must define terms()")
+        return self.forward_pass(x)[0]
+
+    def pathway(self, x: Tensor) -> list[Tensor]:
+        """What RaPP compares: ``x`` itself, then the output of every encoder block and the
+        encoder's output; each ``(batch, width_i)``."""
+        return [x, *self.net.encoder.features(x)]
+
+    def _pathway_widths(self) -> list[int]:
+        was_training = self.net.training
+        self.net.eval()
+        with torch.no_grad():
+            feats = self.pathway(torch.zeros(2, self.hparams.input_dim))
+        self.net.train(was_training)
+        return [f.shape[1] for f in feats]
+
+    def score_batch(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Every score type of ``x`` ``(batch, input_dim)`` and the reconstruction.
+
+        The one scoring method of validation, test and predict. Returns the per-sample
+        terms (``loss`` and each of :attr:`score_types`, ``(batch,)``) and ``x_hat``
+        ``(batch, input_dim)``. Call it in eval mode, where BatchNorm uses its running
+        statistics and the VAE its posterior mean, so a sample's scores do not depend on
+        the rest of its batch. ``nap`` is 0 until :meth:`fit_nap_statistics` has run.
+        """
+        terms, x_hat = self.forward_pass(x)
+        diffs = pathway_differences(self.pathway(x), self.pathway(x_hat))
+        terms["sap"] = sap_score(diffs)
+        terms["nap"] = self.nap.score(diffs)
+        return terms, x_hat
 
     def forward(self, x: Tensor) -> Tensor:
         """The configured anomaly score of each sample: ``(batch,)``; higher is more anomalous."""
-        return self.terms(x)[self.hparams.score]
+        if self.hparams.score == "nap" and not self.nap.ready:
+            raise RuntimeError(
+                "score='nap' needs NAP statistics: call fit_nap_statistics() or run validation"
+            )
+        return self.score_batch(x)[0][self.hparams.score]
+
+    def decide(self, score: Tensor) -> Tensor:
+        """Decisions ``(batch,)`` at the saved threshold: 1 when ``score`` is above it, else 0;
+        -1 everywhere while no threshold has been chosen."""
+        decision = (score > self.threshold).long()
+        return torch.where(torch.isnan(self.threshold), -1, decision)
+
+    @torch.no_grad()
+    def fit_nap_statistics(self, loader: Iterable | None = None) -> None:
+        """Fit NAP's per-layer centring and whitening to the training normals.
+
+        Runs the model in eval mode over ``loader`` (by default this process's share of the
+        attached Trainer's training data), sums the statistics over all processes and keeps
+        them in buffers, so they match the current weights and are saved with them.
+
+        Args:
+            loader: batches ``(x, y)`` or ``(x,)``; samples labelled 1 are skipped.
+        """
+        loader = loader if loader is not None else self._training_data()
+        was_training = self.training
+        self.eval()
+        self.nap.reset()
+        for batch in loader:
+            x = batch[0].to(self.device)
+            if len(batch) > 1:
+                x = x[batch[1].to(self.device) != 1]
+            _, x_hat = self.forward_pass(x)
+            self.nap.update(pathway_differences(self.pathway(x), self.pathway(x_hat)))
+        self.nap.finalize(reduce=self._sum_over_processes)
+        self.train(was_training)
+
+    def _sum_over_processes(self, tensor: Tensor) -> Tensor:
+        if self._trainer is None:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def _training_data(self) -> DataLoader:
+        """A fresh loader over this process's share of the training data, in a fixed order."""
+        trainer = self.trainer
+        source = None
+        if trainer.datamodule is not None:
+            source = trainer.datamodule.train_dataloader()
+        elif isinstance(trainer.train_dataloader, DataLoader):
+            source = trainer.train_dataloader
+        if not isinstance(source, DataLoader):
+            raise RuntimeError(
+                "NAP statistics need the training data: use a DataModule with a "
+                "train_dataloader, or call fit_nap_statistics(loader) first"
+            )
+        # a loader of its own: iterating the Trainer's would disturb a running epoch
+        dataset = source.dataset
+        shard = list(range(trainer.global_rank, len(dataset), trainer.world_size))
+        batch_size = max(source.batch_size or 1, 256)
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=shard, collate_fn=source.collate_fn
+        )
+
+    def choose_threshold(self, scores: Tensor, labels: Tensor) -> None:
+        """Set the ``threshold`` buffer from validation scores ``(n,)`` and labels ``(n,)``
+        (1 anomaly, 0 normal, -1 unknown) with the configured rule."""
+        normal = scores[labels == 0]
+        rule = self.hparams.threshold
+        if rule == "f1" and bool((labels == 1).any()):
+            known = labels >= 0
+            value = f1_optimal_threshold(scores[known], labels[known])
+        else:
+            if rule == "f1":
+                rank_zero_warn(
+                    "threshold='f1' needs anomalies in validation and there are none; "
+                    "using the threshold_quantile quantile of the normal scores instead"
+                )
+            if normal.numel() == 0:
+                rank_zero_warn("validation has no normal sample: the threshold is unchanged")
+                return
+            value = quantile_threshold(normal, self.hparams.threshold_quantile)
+        self.threshold.fill_(value)
 
     def shared_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean loss of the batch and the per-sample terms, the same for every stage."""
+        """Mean loss of the batch and the per-sample terms (training)."""
         x = batch[0]
         terms = self.terms(x)
         return terms["loss"].mean(), terms
@@ -109,37 +292,152 @@ class AnomalyDetector(L.LightningModule):
             self.log(f"train/{name}", terms[name].mean())
         return loss
 
-    def _update_eval_metrics(
-        self, batch: tuple[Tensor, Tensor], loss_metric: MeanMetric, *metrics: Any
-    ) -> None:
-        _, terms = self.shared_step(batch)
-        y = batch[1]
-        normal = y == 0
-        # the loss on held-out normals measures how well normality generalises
-        loss_metric.update(terms["loss"][normal])
+    def _eval_step(
+        self, stage: str, batch: tuple[Tensor, Tensor], batch_idx: int
+    ) -> tuple[Tensor, Tensor]:
+        """Score a batch and update and log the metrics of ``stage``; returns score and y."""
+        x, y = batch[0], batch[1]
+        terms, x_hat = self.score_batch(x)
         score = terms[self.hparams.score]
-        for metric in metrics:
-            metric.update(score, y)
+
+        # the loss on held-out normals measures how well normality generalises
+        loss_metric = getattr(self, f"{stage}_loss")
+        loss_metric.update(terms["loss"][y == 0])
+        auroc = getattr(self, f"{stage}_auroc")
+        auroc.update(score, y)
+        getattr(self, f"{stage}_scored").update(torch.stack([score, y.to(score.dtype)], dim=1))
+        if batch_idx == 0:
+            self._keep_picture(x, x_hat, y)
+
+        self.log(f"{stage}/loss", loss_metric)
+        self.log(f"{stage}/auroc", auroc, prog_bar=stage == "val")
+        for name in self.score_types:
+            if name != self.hparams.score:
+                metric = self.other_auroc[f"{stage}_{name}"]
+                metric.update(terms[name], y)
+                self.log(f"{stage}/auroc_{name}", metric)
+        return score, y
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._update_eval_metrics(batch, self.val_loss, self.val_auroc)
-        self.log("val/loss", self.val_loss)
-        self.log("val/auroc", self.val_auroc, prog_bar=True)
+        self._eval_step("val", batch, batch_idx)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._update_eval_metrics(batch, self.test_loss, self.test_auroc, self.test_auprc)
-        self.log("test/loss", self.test_loss)
-        self.log("test/auroc", self.test_auroc)
+        score, y = self._eval_step("test", batch, batch_idx)
+        self.test_auprc.update(score, y)
         self.log("test/auprc", self.test_auprc)
+        self.test_roc.update(score, y)
+        if self._has_threshold:
+            decision = self.decide(score)
+            for name in ("precision", "recall", "f1"):
+                metric = getattr(self, f"test_{name}")
+                metric.update(decision, y)
+                self.log(f"test/{name}", metric)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Per-sample scores of every type, and the labels the batch carries."""
-        _, terms = self.shared_step(batch)
+        """Per-sample ``(batch,)`` tensors: every score type, the configured ``score``, the
+        ``decision`` (see :meth:`decide`) and, when the batch carries one, the ``label``."""
+        terms, _ = self.score_batch(batch[0])
         out = {name: terms[name] for name in self.score_types}
         out["score"] = terms[self.hparams.score]
+        out["decision"] = self.decide(out["score"])
         if len(batch) > 1:
             out["label"] = batch[1]
         return out
+
+    def on_validation_epoch_start(self) -> None:
+        # recomputed with the weights being validated, so a checkpoint saved after this
+        # validation carries statistics that match its weights
+        self.fit_nap_statistics()
+
+    def on_validation_epoch_end(self) -> None:
+        scores, labels = self._gather(self.val_scored)
+        if scores is not None:
+            self.choose_threshold(scores, labels)
+        self.log("val/threshold", self.threshold)
+        if not self.trainer.sanity_checking:
+            self._draw("val", scores, labels)
+        self._picture = None
+
+    def on_test_epoch_start(self) -> None:
+        self._prepare_to_decide()
+
+    def on_predict_epoch_start(self) -> None:
+        self._prepare_to_decide()
+
+    def _prepare_to_decide(self) -> None:
+        if not bool(self.nap.ready):
+            self.fit_nap_statistics()
+        self._has_threshold = bool(torch.isfinite(self.threshold))
+        hp = self.hparams
+        if not self._has_threshold:
+            rank_zero_warn(
+                "no decision threshold: it is chosen during validation (fit with a "
+                "validation set, or load such a checkpoint); decisions are left out"
+            )
+            return
+        rule = f"quantile {hp.threshold_quantile}" if hp.threshold == "quantile" else "F1"
+        rank_zero_info(
+            f"Decision threshold on {hp.score} ({rule} rule on validation): "
+            f"{self.threshold.item():.6g}"
+        )
+
+    def on_test_epoch_end(self) -> None:
+        scores, labels = self._gather(self.test_scored)
+        curve = self.test_roc.compute() if scores is not None else None
+        self._draw("test", scores, labels, curve)
+        self.test_roc.reset()
+        self._picture = None
+
+    @staticmethod
+    def _gather(metric: CatMetric) -> tuple[Tensor | None, Tensor | None]:
+        """Scores and labels of every process from a CatMetric of (score, label) rows."""
+        rows = metric.compute()
+        metric.reset()
+        if not isinstance(rows, Tensor) or rows.numel() == 0:
+            return None, None
+        return rows[:, 0], rows[:, 1].long()
+
+    def _keep_picture(self, x: Tensor, x_hat: Tensor, y: Tensor, n: int = 8) -> None:
+        # up to half anomalies, so the grid shows both kinds when the batch has both
+        anomalous = torch.nonzero(y == 1).flatten()[: n // 2]
+        others = torch.nonzero(y != 1).flatten()[: n - len(anomalous)]
+        pick = torch.cat([others, anomalous])
+        self._picture = (x[pick].detach(), x_hat[pick].detach())
+
+    def _draw(
+        self,
+        stage: str,
+        scores: Tensor | None,
+        labels: Tensor | None,
+        curve: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> None:
+        """Score histograms, the ROC curve and an input/reconstruction grid for TensorBoard."""
+        experiment = next(
+            (lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None
+        )
+        if experiment is None or not self.trainer.is_global_zero:
+            return
+        step = self.global_step
+        if scores is not None:
+            for name, mask in (("normal", labels == 0), ("anomalous", labels == 1)):
+                if bool(mask.any()):
+                    values = scores[mask].float().cpu()
+                    experiment.add_histogram(f"{stage}/score_{name}", values, step)
+        if curve is not None:
+            fig, _ = self.test_roc.plot(curve=curve, score=True)
+            experiment.add_figure(f"{stage}/roc", fig, step)
+        image_shape = getattr(self.trainer.datamodule, "image_shape", None)
+        if self._picture is not None and image_shape is not None:
+            experiment.add_image(f"{stage}/reconstructions", self._grid(image_shape), step)
+
+    def _grid(self, image_shape: tuple[int, ...]) -> Tensor:
+        """Each input beside its reconstruction, two pairs a row: ``(3, height, width)``."""
+        x, x_hat = self._picture
+        pairs = torch.stack([x, x_hat], dim=1).reshape(-1, *image_shape).float().cpu()
+        if pairs.shape[-1] < 32:
+            pairs = nn.functional.interpolate(pairs, scale_factor=32 // pairs.shape[-1])
+        # one shared scale, so an input and its reconstruction compare pixel for pixel
+        return make_grid(pairs, nrow=4, normalize=True, padding=2, pad_value=1.0)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The Trainer calls this hook after backward and before it clips, so this is the
@@ -182,12 +480,13 @@ class AnomalyDetector(L.LightningModule):
 
 class AutoEncoder(AnomalyDetector):
     """Deep fully-connected autoencoder (AE), or residual autoencoder (RAE) with
-    ``residual=True``; trained on the mean squared error, scored by it per sample.
+    ``residual=True``; trained on the mean squared error, scored by it per sample
+    (``recon``) or along the encoder (``sap``, ``nap``).
 
     See :class:`AnomalyDetector` for the arguments.
     """
 
-    score_types = ("recon",)
+    score_types = ("recon", "sap", "nap")
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
@@ -195,10 +494,10 @@ class AutoEncoder(AnomalyDetector):
             hp.input_dim, hp.hidden_dim, hp.latent_dim, hp.n_layers, hp.residual, hp.activation
         )
 
-    def terms(self, x: Tensor) -> dict[str, Tensor]:
+    def forward_pass(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         x_hat = self.net(x)
         recon = (x - x_hat).pow(2).mean(dim=1)
-        return {"loss": recon, "recon": recon}
+        return {"loss": recon, "recon": recon}, x_hat
 
 
 class VariationalAutoEncoder(AnomalyDetector):
@@ -208,14 +507,15 @@ class VariationalAutoEncoder(AnomalyDetector):
     error plus ``beta`` times KL(q(z|x) || N(0, I)). In eval mode the decoder reads the
     posterior mean, so scores are deterministic. Score types: ``recon``, the mean squared
     error of the posterior-mean reconstruction, and ``elbo``, the negative ELBO
-    (summed squared error plus KL, ``beta`` = 1).
+    (summed squared error plus KL, ``beta`` = 1), besides ``sap`` and ``nap``, which
+    compare the encoder's representations of ``x`` and of that reconstruction.
 
     Args:
         beta: weight of the KL term in the training loss.
         **kwargs: see :class:`AnomalyDetector`.
     """
 
-    score_types = ("recon", "elbo")
+    score_types = ("recon", "elbo", "sap", "nap")
     logged_terms = ("recon", "kl")
 
     def __init__(self, input_dim: int, beta: float = 1.0, **kwargs: Any) -> None:
@@ -230,13 +530,14 @@ class VariationalAutoEncoder(AnomalyDetector):
             hp.input_dim, hp.hidden_dim, hp.latent_dim, hp.n_layers, hp.residual, hp.activation
         )
 
-    def terms(self, x: Tensor) -> dict[str, Tensor]:
+    def forward_pass(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         x_hat, mu, logvar = self.net(x)
         sq_err = (x - x_hat).pow(2).sum(dim=1)
         kl = kl_divergence(mu, logvar)
-        return {
+        terms = {
             "loss": sq_err + self.beta * kl,
             "recon": sq_err / x.shape[1],
             "kl": kl,
             "elbo": sq_err + kl,
         }
+        return terms, x_hat

@@ -137,7 +137,9 @@ def test_without_clipping_the_update_keeps_its_norm(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("cls", "kwargs", "message"),
     [
-        (AutoEncoder, {"score": "elbo"}, r"score must be one of \['recon'\]"),
+        (AutoEncoder, {"score": "elbo"}, r"score must be one of \['recon', 'sap', 'nap'\]"),
+        (AutoEncoder, {"threshold": "best"}, r"threshold must be one of \['quantile', 'f1'\]"),
+        (AutoEncoder, {"threshold_quantile": 1.0}, r"threshold_quantile must be in \(0, 1\)"),
         (AutoEncoder, {"lr": 0.0}, "lr must be positive, got 0.0"),
         (AutoEncoder, {"n_layers": 0}, "n_layers must be at least 1, got 0"),
         (VariationalAutoEncoder, {"beta": -1.0}, "beta must be at least 0, got -1.0"),
