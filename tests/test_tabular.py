@@ -349,3 +349,18 @@ def test_tabular_config_fits_and_tests_through_the_cli(tmp_path: Path) -> None:
 
     auroc = read_scalars(tmp_path / "lightning_logs" / "version_1", "test/auroc")
     assert len(auroc) == 1 and 0.0 <= next(iter(auroc.values())) <= 1.0
+
+
+def test_text_labels_and_multiclass_protocols(tmp_path: Path) -> None:
+    frame = make_table(120)
+    frame["state"] = np.array(["idle", "run", "fault"])[np.arange(120) % 3]
+    path = write_csv(tmp_path / "m.csv", frame.drop(columns="failure"))
+    binary = dm_for(path, label_column="state", classes=["fault"])
+    one_vs_rest = dm_for(path, label_column="state", protocol="one_vs_rest", classes=["run"])
+    binary.setup()
+    one_vs_rest.setup()
+
+    state = frame["state"].to_numpy()
+    np.testing.assert_array_equal(binary.split.is_anomaly, state == "fault")
+    np.testing.assert_array_equal(one_vs_rest.split.is_anomaly, state != "run")
+    assert (state[one_vs_rest.split.train] == "run").all()
