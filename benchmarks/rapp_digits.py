@@ -3,9 +3,11 @@
 Each run trains one config (configs/digits_ae.yaml or configs/digits_rae.yaml) with one
 anomaly digit (leave-one-out) and one seed (the model seed and the split seed), then
 tests the weights of the last epoch, so no score type is favoured by checkpoint choice.
-It writes every run to a CSV and the summary to a Markdown file, and logs the summary.
+Every finished run is appended to ``rapp_digits.csv`` at once, and runs already there
+(same model, digit, seed and epochs) are skipped, so an interrupted benchmark resumes.
+The summary goes to ``rapp_digits.md`` and to the log.
 
-    python benchmarks/rapp_digits.py --max-epochs 50 --workers 2
+    python benchmarks/rapp_digits.py --digits 0 1 2 3 4 --max-epochs 50 --workers 2
 
 Runs use one CPU thread each; ``--workers`` runs that many at once.
 """
@@ -57,10 +59,34 @@ def run_one(model: str, digit: int, seed: int, max_epochs: int) -> dict:
         L.seed_everything(seed, verbose=False)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    row = {"model": model, "digit": digit, "seed": seed}
+    row = {"model": model, "digit": digit, "seed": seed, "epochs": max_epochs}
     row |= {score: round(float(metrics[key]), 4) for score, key in SCORES.items()}
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def read_rows(path: Path) -> dict[tuple, dict]:
+    """Finished runs in the CSV, keyed by (model, digit, seed, epochs)."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in ("digit", "seed", "epochs"):
+            row[key] = int(row[key])
+        for key in (*SCORES, "seconds"):
+            row[key] = float(row[key])
+    return {(r["model"], r["digit"], r["seed"], r["epochs"]): r for r in rows}
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one run to the CSV, writing the header first if the file is new."""
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def summarise(rows: list[dict], seeds: list[int], digits: list[int]) -> str:
@@ -105,26 +131,27 @@ def main() -> None:
     opts = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    jobs = [(m, d, s) for s in opts.seeds for d in opts.digits for m in CONFIGS]
-    start = time.perf_counter()
-    rows = []
-    with ProcessPoolExecutor(opts.workers) as pool:
-        futures = [pool.submit(run_one, *job, opts.max_epochs) for job in jobs]
-        for future in futures:
-            rows.append(future.result())
-            log.info("%s", rows[-1])
-    minutes = (time.perf_counter() - start) / 60
-
     opts.out.mkdir(parents=True, exist_ok=True)
-    with open(opts.out / "rapp_digits.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = opts.out / "rapp_digits.csv"
+    done = read_rows(csv_path)
+    jobs = [(m, d, s) for s in opts.seeds for d in opts.digits for m in CONFIGS]
+    todo = [job for job in jobs if (*job, opts.max_epochs) not in done]
+    log.info("%d runs, %d already in %s", len(jobs), len(jobs) - len(todo), csv_path)
+    with ProcessPoolExecutor(opts.workers) as pool:
+        futures = [pool.submit(run_one, *job, opts.max_epochs) for job in todo]
+        for future in futures:
+            row = future.result()
+            log.info("%s", row)
+            append_row(csv_path, row)
+            done[(row["model"], row["digit"], row["seed"], row["epochs"])] = row
+
+    rows = [done[(*job, opts.max_epochs)] for job in jobs]
     table = summarise(rows, opts.seeds, opts.digits)
+    minutes = sum(float(r["seconds"]) for r in rows) / 60
     header = (
         f"{len(rows)} runs ({len(opts.digits)} anomaly digits x {len(opts.seeds)} seeds x "
-        f"{len(CONFIGS)} models), {opts.max_epochs} epochs each, {minutes:.1f} min with "
-        f"{opts.workers} workers"
+        f"{len(CONFIGS)} models), {opts.max_epochs} epochs each, {minutes:.0f} min of "
+        f"single-thread run time in all"
     )
     (opts.out / "rapp_digits.md").write_text(header + "\n\n" + table + "\n")
     log.info("%s\n\n%s", header, table)
