@@ -58,7 +58,8 @@ def one_line(message: str) -> str:
 class RAECLI(LightningCLI):
     """LightningCLI for rae-lightning's detectors and DataModules.
 
-    Adds a ModelCheckpoint on ``val/auroc`` (mode max, plus ``last.ckpt``), links the
+    Adds a ModelCheckpoint on ``val/auroc`` (mode max) and one that keeps ``last.ckpt``
+    after every validation, links the
     DataModule's ``input_dim`` into the model, and lets ``test``, ``validate`` and
     ``predict`` find the newest run's best checkpoint when no ``--ckpt_path`` is given.
     ``predict`` writes a CSV of per-sample scores and decisions (``--predictions.path``;
@@ -84,10 +85,21 @@ class RAECLI(LightningCLI):
             {
                 "checkpoint.monitor": MONITOR,
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 1,
                 "checkpoint.filename": CHECKPOINT_FILENAME,
                 "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        # Lightning's save_last only follows the saves of the best checkpoint; a resume
+        # needs the newest state, so a second callback writes last.ckpt after every
+        # validation (atomically: a kill leaves the previous file whole)
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.enable_version_counter": False,
             }
         )
         parser.link_arguments(

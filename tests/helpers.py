@@ -41,3 +41,18 @@ def read_scalars(log_dir: str | Path, tag: str) -> dict[int, float]:
     if tag not in acc.Tags()["scalars"]:
         return {}
     return {event.step: event.value for event in acc.Scalars(tag)}
+
+
+class SignalAtStep(L.Callback):
+    """Sends a signal to its own process after a given optimisation step (a fault in a test)."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+        self.step = step
+        self.signal = signal
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signal))

@@ -92,9 +92,12 @@ def test_test_takes_an_explicit_checkpoint(tmp_path: Path, caplog) -> None:
     assert f"Using checkpoint {last}" in caplog.text
 
 
-def test_test_without_any_run_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="run `rae fit` first or pass --ckpt_path"):
+def test_test_without_any_run_says_what_to_do(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
         main(["test", "--config", str(DIGITS_RAE), *_quick(tmp_path)])
+
+    assert exc.value.code == 2
+    assert "run `rae fit` first or pass --ckpt_path" in capsys.readouterr().err
 
 
 def test_console_script_runs_fit(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -51,11 +52,23 @@ class TensorBatchSampler(BatchSampler):
     with another sampler, as it does for the torch ``BatchSampler``.
     """
 
+    def __init__(
+        self,
+        sampler: Any,
+        batch_size: int,
+        drop_last: bool,
+        epoch_seed: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.epoch_seed = epoch_seed
+
     def __iter__(self) -> Iterator[Tensor]:
         sampler = self.sampler
         if type(sampler) is RandomSampler and not sampler.replacement:
             generator = sampler.generator
-            if generator is None:
+            if generator is None and self.epoch_seed is not None:
+                generator = torch.Generator().manual_seed(self.epoch_seed())
+            elif generator is None:
                 # as RandomSampler does: a fresh seed from torch's global generator
                 seed = int(torch.empty((), dtype=torch.int64).random_().item())
                 generator = torch.Generator().manual_seed(seed)
@@ -232,14 +245,24 @@ class NoveltyDataModule(L.LightningDataModule):
         sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
         # BatchNorm cannot train on a batch of one sample
         drop_last = train and len(dataset) > batch_size
+        epoch_seed = None
+        if train:
+            self._shuffle_base = torch.initial_seed()
+            epoch_seed = self._epoch_seed
         return DataLoader(
             dataset,
-            batch_sampler=TensorBatchSampler(sampler, batch_size, drop_last),
+            batch_sampler=TensorBatchSampler(sampler, batch_size, drop_last, epoch_seed),
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory,
             persistent_workers=hp.num_workers > 0,
             collate_fn=keep_batch,
         )
+
+    def _epoch_seed(self) -> int:
+        # The shuffle of an epoch depends only on the run's seed and the epoch number, so
+        # a run resumed from a checkpoint sees the batches an uninterrupted run would see.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return (self._shuffle_base * 1_000_003 + epoch) % (2**63 - 1)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -1,0 +1,183 @@
+"""Bad input, faults and reproducibility, through the `rae` entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import read_scalars
+
+from rae_lightning.cli import main
+
+ROOT = Path(__file__).parents[1]
+DIGITS_RAE = ROOT / "configs" / "digits_rae.yaml"
+DIGITS_VAE = ROOT / "configs" / "digits_vae.yaml"
+DIGITS_AE = ROOT / "configs" / "digits_ae.yaml"
+SMALL = ["--model.init_args.n_layers=4", "--model.init_args.hidden_dim=32"]
+
+
+def _quick(root: Path, epochs: int = 1) -> list[str]:
+    return [
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.max_epochs={epochs}",
+        "--trainer.limit_train_batches=6",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *SMALL,
+    ]
+
+
+def _fails(args: list[str], capsys) -> str:
+    """Run `rae` with args, expect exit status 2, return its one-line message."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rae:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished RAE run on digits; returns its best checkpoint."""
+    root = tmp_path_factory.mktemp("trained")
+    main(["fit", "--config", str(DIGITS_RAE), *_quick(root)])
+    (best,) = (root / "lightning_logs" / "version_0" / "checkpoints").glob("epoch*.ckpt")
+    return best
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.init_args.n_layer=3"], "Option 'n_layer' is not accepted"),
+        (["--data.init_args.batchsize=3"], "Option 'batchsize' is not accepted"),
+        (["--trainer.max_epoch=3"], "unrecognized arguments: --trainer.max_epoch"),
+        (["--model.init_args.n_layers=abc"], "Expected a <class 'int'>. Got value: abc"),
+        (["--model.init_args.n_layers=0"], "n_layers must be at least 1, got 0"),
+        (["--model.init_args.latent_dim=64"], "latent_dim must be smaller than input_dim=64"),
+        (["--model.init_args.hidden_dim=0"], "hidden_dim must be at least 1, got 0"),
+        (["--trainer.gradient_clip_val=-1"], "gradient_clip_val must be at least 0, got -1.0"),
+    ],
+)
+def test_bad_config_is_one_line_and_writes_nothing(tmp_path, capsys, extra, message) -> None:
+    args = ["fit", "--config", str(DIGITS_RAE), f"--trainer.default_root_dir={tmp_path}"]
+
+    line = _fails([*args, *extra], capsys)
+
+    assert line.startswith("rae: error: ")
+    assert message in line
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_mistyped_key_in_a_config_file(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: rae_lightning.AutoEncoder\n  init_args:\n    lr_: 0.1\n")
+
+    line = _fails(["fit", "--config", str(DIGITS_RAE), "--config", str(bad)], capsys)
+
+    assert "Option 'lr_' is not accepted" in line
+
+
+def test_missing_checkpoint(tmp_path, capsys) -> None:
+    missing = tmp_path / "nothing.ckpt"
+
+    line = _fails(["test", "--config", str(DIGITS_RAE), f"--ckpt_path={missing}"], capsys)
+
+    assert f"ckpt_path '{missing}' does not exist" in line
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path, capsys) -> None:
+    fake = tmp_path / "fake.ckpt"
+    fake.write_text("not a checkpoint\n")
+
+    line = _fails(["test", "--config", str(DIGITS_RAE), f"--ckpt_path={fake}"], capsys)
+
+    assert f"ckpt_path '{fake}' is not a checkpoint that loads with weights_only=True" in line
+
+
+def test_a_pickle_with_code_is_refused(tmp_path, capsys) -> None:
+    # a checkpoint from an untrusted source must not run code while it loads
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": os.system}, evil)
+
+    line = _fails(["test", "--config", str(DIGITS_RAE), f"--ckpt_path={evil}"], capsys)
+
+    assert "is not a checkpoint that loads with weights_only=True" in line
+
+
+@pytest.mark.parametrize(
+    ("config", "kind"),
+    [(DIGITS_AE, "AutoEncoder(residual=False)"), (DIGITS_VAE, "VariationalAutoEncoder")],
+)
+def test_checkpoint_of_another_model_kind(trained, tmp_path, capsys, config, kind) -> None:
+    args = ["test", "--config", str(config), f"--ckpt_path={trained}", *_quick(tmp_path)]
+
+    line = _fails(args, capsys)
+
+    assert "holds a AutoEncoder(residual=True), but the config names a " + kind in line
+
+
+def test_checkpoint_of_another_input_size(trained, tmp_path, capsys) -> None:
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["hyper_parameters"]["input_dim"] = 32
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    args = ["test", "--config", str(DIGITS_RAE), f"--ckpt_path={other}", *_quick(tmp_path)]
+
+    line = _fails(args, capsys)
+
+    assert "was trained with input_dim=32, but the config and data give input_dim=64" in line
+
+
+def _rae(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), **(env_extra or {}))
+    cmd = [sys.executable, "-m", "rae_lightning", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _final_state(root: Path) -> dict:
+    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    return torch.load(last, weights_only=True)
+
+
+@pytest.mark.parametrize("signal", ["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_the_same_result(tmp_path, signal) -> None:
+    args = ["fit", "--config", str(DIGITS_RAE), *_quick(tmp_path, epochs=4)[1:]]
+    whole = _rae(*args, f"--trainer.default_root_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    # killed in the middle of the third epoch (6 steps an epoch)
+    broken = tmp_path / "broken"
+    kill = ["--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step=15"]
+    killed = _rae(
+        *args,
+        f"--trainer.default_root_dir={broken}",
+        *kill,
+        f"--trainer.callbacks.signal={signal}",
+    )
+    assert killed.returncode != 0
+    assert _final_state(broken)["global_step"] == 12  # the end of the second epoch
+    resumed = _rae(*args, f"--trainer.default_root_dir={broken}", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a, b = _final_state(tmp_path / "whole"), _final_state(broken)
+    assert a["global_step"] == b["global_step"] == 24
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-5, atol=1e-6)
+    logs_a = read_scalars(tmp_path / "whole" / "lightning_logs" / "version_0", "val/auroc")
+    logs_b = read_scalars(broken / "lightning_logs" / "version_0", "val/auroc")
+    assert logs_b == pytest.approx(logs_a, abs=1e-6)
+
+
+def test_same_seed_same_auroc(tmp_path) -> None:
+    results = []
+    for name in ("one", "two"):
+        root = tmp_path / name
+        main(["fit", "--config", str(DIGITS_RAE), *_quick(root, epochs=2)])
+        results.append(read_scalars(root / "lightning_logs" / "version_0", "val/auroc"))
+
+    assert results[0] and results[0] == pytest.approx(results[1], abs=1e-6)
