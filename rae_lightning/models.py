@@ -424,7 +424,10 @@ class AnomalyDetector(L.LightningModule):
                     values = scores[mask].float().cpu()
                     experiment.add_histogram(f"{stage}/score_{name}", values, step)
         if curve is not None:
-            fig, _ = self.test_roc.plot(curve=curve, score=True)
+            fpr, tpr, _ = curve
+            fig, ax = self.test_roc.plot(curve=curve)
+            auroc = torch.trapezoid(tpr, fpr).item()
+            ax.set_title(f"ROC of the {self.hparams.score} score on {stage} (AUROC {auroc:.3f})")
             experiment.add_figure(f"{stage}/roc", fig, step)
         image_shape = getattr(self.trainer.datamodule, "image_shape", None)
         if self._picture is not None and image_shape is not None:
@@ -434,8 +437,8 @@ class AnomalyDetector(L.LightningModule):
         """Each input beside its reconstruction, two pairs a row: ``(3, height, width)``."""
         x, x_hat = self._picture
         pairs = torch.stack([x, x_hat], dim=1).reshape(-1, *image_shape).float().cpu()
-        if pairs.shape[-1] < 32:
-            pairs = nn.functional.interpolate(pairs, scale_factor=32 // pairs.shape[-1])
+        if pairs.shape[-1] < 64:
+            pairs = nn.functional.interpolate(pairs, scale_factor=64 // pairs.shape[-1])
         # one shared scale, so an input and its reconstruction compare pixel for pixel
         return make_grid(pairs, nrow=4, normalize=True, padding=2, pad_value=1.0)
 

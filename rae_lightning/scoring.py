@@ -43,7 +43,7 @@ def sap_score(diffs: Sequence[Tensor]) -> Tensor:
 
 
 def whitening(mean_outer: Tensor, mean: Tensor, rtol: float = DEFAULT_RTOL) -> Tensor:
-    """A matrix ``W`` ``(width, width)`` with ``W W^T`` the pseudo-inverse of a covariance.
+    """The symmetric ``W`` ``(width, width)`` with ``W W`` the pseudo-inverse of a covariance.
 
     Args:
         mean_outer: mean of the outer products ``E[d d^T]``, ``(width, width)``.
@@ -56,7 +56,9 @@ def whitening(mean_outer: Tensor, mean: Tensor, rtol: float = DEFAULT_RTOL) -> T
     cutoff = rtol * eigvals.max().clamp_min(0.0)
     keep = eigvals > cutoff
     scale = torch.where(keep, eigvals.clamp_min(torch.finfo(eigvals.dtype).tiny).rsqrt(), 0.0)
-    return eigvecs * scale
+    # the symmetric square root V diag(scale) V^T: unlike V diag(scale) it does not depend
+    # on the eigenvectors' signs or on the basis chosen for repeated eigenvalues
+    return (eigvecs * scale) @ eigvecs.T
 
 
 class NAPStatistics(nn.Module):
