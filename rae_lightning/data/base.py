@@ -11,7 +11,14 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from rae_lightning.data.splits import NoveltySplit, novelty_split
 
@@ -81,6 +88,26 @@ class TensorBatchSampler(BatchSampler):
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             yield order[start : start + self.batch_size]
+
+
+class EvalShardSampler(DistributedSampler):
+    """Every ``num_replicas``-th index from ``rank``: each sample on exactly one process.
+
+    Being a DistributedSampler, Lightning keeps it instead of putting in its own, which
+    pads uneven shards with repeated samples. Evaluation loops may then run a different
+    number of batches per process; the metrics gather their states at the end.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))
+        self.num_samples = len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -245,6 +272,19 @@ class NoveltyDataModule(L.LightningDataModule):
         sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
         # BatchNorm cannot train on a batch of one sample
         drop_last = train and len(dataset) > batch_size
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            # Lightning's own sampler for val/test pads the shards with repeated samples,
+            # which would count them twice in AUROC and thresholds; this one does not pad
+            return DataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=EvalShardSampler(dataset, trainer.world_size, trainer.global_rank),
+                num_workers=hp.num_workers,
+                pin_memory=hp.pin_memory,
+                persistent_workers=hp.num_workers > 0,
+                collate_fn=keep_batch,
+            )
         epoch_seed = None
         if train:
             self._shuffle_base = torch.initial_seed()
