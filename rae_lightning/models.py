@@ -221,6 +221,7 @@ class AnomalyDetector(L.LightningModule):
             loader: batches ``(x, y)`` or ``(x,)``; samples labelled 1 are skipped.
         """
         loader = loader if loader is not None else self._training_data()
+        self._buffers_from_rank_zero()
         was_training = self.training
         self.eval()
         self.nap.reset()
@@ -232,6 +233,16 @@ class AnomalyDetector(L.LightningModule):
             self.nap.update(pathway_differences(self.pathway(x), self.pathway(x_hat)))
         self.nap.finalize(reduce=self._sum_over_processes)
         self.train(was_training)
+
+    def _buffers_from_rank_zero(self) -> None:
+        # DDP copies rank 0's buffers to the others only at the next training forward, so
+        # after the last step each process holds its own BatchNorm running statistics; give
+        # every process those of rank 0, the ones its checkpoint saves
+        if self._trainer is None or self.trainer.world_size < 2:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buffer in self.net.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
     def _sum_over_processes(self, tensor: Tensor) -> Tensor:
         if self._trainer is None:
