@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from rae_lightning.cli import RAECLI
+from rae_lightning.cli import MONITOR, PARSER_KWARGS, RAECLI
 from rae_lightning.data.base import keep_batch
 from rae_lightning.models import AnomalyDetector
 
@@ -169,15 +169,16 @@ def execute_run(spec: RunSpec, run_dir: Path, config: str | Path, overrides: Seq
     root = [f"--trainer.default_root_dir={run_dir}"]
     start = time.perf_counter()
 
-    fit = RAECLI(args=["fit", *args, *root])
-    checkpoint = fit.trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None else ""
+    fit = RAECLI(args=["fit", *args, *root], parser_kwargs=PARSER_KWARGS)
+    checkpoint = next(cb for cb in fit.trainer.checkpoint_callbacks if cb.monitor == MONITOR)
+    best = checkpoint.best_model_path
     if not best:
         raise RuntimeError(f"run {spec.name} saved no best checkpoint in {run_dir}")
     train_loss = train_set_loss(fit.model, fit.datamodule.datasets["train"])
     history = list(fit.model.g_norm_history)
 
-    test = RAECLI(args=["test", *args, *root, f"--ckpt_path={best}"])
+    test_args = ["test", *args, *root, f"--ckpt_path={best}"]
+    test = RAECLI(args=test_args, parser_kwargs=PARSER_KWARGS)
     metrics = test.trainer.callback_metrics
     train_loss_best = train_set_loss(test.model, test.datamodule.datasets["train"])
 
@@ -432,8 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    """Entry point of the ``rae-sweep`` command; returns the results table."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``rae-sweep`` command."""
+    run_sweep(argv)
+
+
+def run_sweep(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    """Parse the ``rae-sweep`` arguments, run the sweep, and return its results table."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)

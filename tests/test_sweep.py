@@ -12,7 +12,7 @@ import torch
 from helpers import read_scalars
 
 from rae_lightning import AutoEncoder, DigitsDataModule
-from rae_lightning.sweep import COLUMNS, RunSpec, g_norm_stats, main, summary_markdown
+from rae_lightning.sweep import COLUMNS, RunSpec, g_norm_stats, run_sweep, summary_markdown
 
 DIGITS_AE = Path(__file__).parents[1] / "configs" / "digits_ae.yaml"
 QUICK = ["--", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3"]
@@ -20,7 +20,7 @@ QUICK = ["--", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3"]
 
 def _sweep(out: Path, *extra: str) -> pd.DataFrame:
     args = ["--config", str(DIGITS_AE), "--seeds", "0", "--out", str(out)]
-    return main([*args, "--models", "ae", "rae", "--n-layers", "3", *QUICK, *extra])
+    return run_sweep([*args, "--models", "ae", "rae", "--n-layers", "3", *QUICK, *extra])
 
 
 def test_sweep_writes_the_table_and_plots_and_skips_finished_runs(tmp_path, caplog) -> None:
@@ -83,7 +83,7 @@ def test_train_loss_resume_after_interruption_and_changed_settings(tmp_path, cap
 
 def test_clipping_comparison_writes_both_traces(tmp_path) -> None:
     out = tmp_path / "sweep"
-    table = main(
+    table = run_sweep(
         ["--clipping", "--config", str(DIGITS_AE), "--n-layers", "2", "4", "--seeds", "0"]
         + ["--clip-val", "0.5", "--out", str(out), *QUICK]
     )
@@ -133,6 +133,6 @@ def test_g_norm_stats_and_summary() -> None:
 
 def test_bad_arguments_fail_early(tmp_path) -> None:
     with pytest.raises(SystemExit):
-        main(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)])
+        run_sweep(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        main(["--config", str(DIGITS_AE), "--out", str(tmp_path), "--", "--ckpt_path=x"])
+        run_sweep(["--config", str(DIGITS_AE), "--out", str(tmp_path), "--", "--ckpt_path=x"])
