@@ -220,7 +220,14 @@ class AnomalyDetector(L.LightningModule):
         Args:
             loader: batches ``(x, y)`` or ``(x,)``; samples labelled 1 are skipped.
         """
-        loader = loader if loader is not None else self._training_data()
+        if loader is None:
+            source = self._training_source()
+            if source is None:
+                raise RuntimeError(
+                    "NAP statistics need the training data: use a DataModule with a "
+                    "train_dataloader, or call fit_nap_statistics(loader)"
+                )
+            loader = self._training_data(source)
         self._buffers_from_rank_zero()
         was_training = self.training
         self.eval()
@@ -249,19 +256,18 @@ class AnomalyDetector(L.LightningModule):
             return tensor
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
-    def _training_data(self) -> DataLoader:
-        """A fresh loader over this process's share of the training data, in a fixed order."""
+    def _training_source(self) -> DataLoader | None:
+        """The training loader of the DataModule, or the one given to ``fit``; else None."""
         trainer = self.trainer
-        source = None
         if trainer.datamodule is not None:
-            source = trainer.datamodule.train_dataloader()
-        elif isinstance(trainer.train_dataloader, DataLoader):
-            source = trainer.train_dataloader
-        if not isinstance(source, DataLoader):
-            raise RuntimeError(
-                "NAP statistics need the training data: use a DataModule with a "
-                "train_dataloader, or call fit_nap_statistics(loader) first"
-            )
+            return trainer.datamodule.train_dataloader()
+        if isinstance(trainer.train_dataloader, DataLoader):
+            return trainer.train_dataloader
+        return None
+
+    def _training_data(self, source: DataLoader) -> DataLoader:
+        """A fresh loader over this process's share of ``source``'s data, in a fixed order."""
+        trainer = self.trainer
         # a loader of its own: iterating the Trainer's would disturb a running epoch
         dataset = source.dataset
         shard = list(range(trainer.global_rank, len(dataset), trainer.world_size))
@@ -358,7 +364,18 @@ class AnomalyDetector(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # recomputed with the weights being validated, so a checkpoint saved after this
         # validation carries statistics that match its weights
-        self.fit_nap_statistics()
+        source = self._training_source()
+        if source is None:
+            if self.trainer.sanity_checking:
+                return  # loaders given to fit() are set up after the sanity check
+            if not bool(self.nap.ready):
+                raise RuntimeError(
+                    "NAP statistics need the training data: validate with a DataModule or "
+                    "a checkpoint that has them, or call fit_nap_statistics(loader) first"
+                )
+            rank_zero_warn("no training data to refresh NAP statistics; keeping those loaded")
+            return
+        self.fit_nap_statistics(self._training_data(source))
 
     def on_validation_epoch_end(self) -> None:
         scores, labels = self._gather(self.val_scored)
