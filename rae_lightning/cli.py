@@ -25,7 +25,7 @@ from rae_lightning.checkpoints import (
     run_version,
 )
 from rae_lightning.data.base import NoveltyDataModule
-from rae_lightning.models import AnomalyDetector
+from rae_lightning.models import AnomalyDetector, NonFiniteError
 from rae_lightning.prediction import PredictionWriter
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,9 @@ def main(args: list[str] | None = None) -> None:
             "`rae fit --config ... --ckpt_path last`\n"
         )
         raise SystemExit(128 + 15) from None
+    except NonFiniteError as err:
+        sys.stderr.write(f"rae: error: {err}\n")
+        raise SystemExit(1) from None
     except USER_ERRORS as err:
         if os.environ.get("RAE_TRACEBACK"):
             raise

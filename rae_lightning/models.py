@@ -12,6 +12,7 @@ gradient norm ``g_norm``. The RaPP scores (``sap``, ``nap``) come from
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,13 +20,12 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import (
-    BinaryAUROC,
-    BinaryAveragePrecision,
     BinaryF1Score,
     BinaryPrecision,
     BinaryRecall,
@@ -33,6 +33,7 @@ from torchmetrics.classification import (
 )
 from torchvision.utils import make_grid
 
+from rae_lightning.metrics import AnomalyAUROC, AnomalyAveragePrecision
 from rae_lightning.networks import AutoEncoderNet, VAENet, kl_divergence
 from rae_lightning.scoring import (
     NAPStatistics,
@@ -45,6 +46,10 @@ from rae_lightning.scoring import (
 log = logging.getLogger(__name__)
 
 THRESHOLD_RULES = ("quantile", "f1")
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a NaN or infinite gradient (from the loss or the data)."""
 
 
 class AnomalyDetector(L.LightningModule):
@@ -124,13 +129,13 @@ class AnomalyDetector(L.LightningModule):
         # squash them with a sigmoid (which saturates and ties scores above ~17).
         # Label -1 marks a sample whose label is unknown: metrics leave it out.
         self.val_loss = MeanMetric()
-        self.val_auroc = BinaryAUROC(normalization=None, ignore_index=-1)
+        self.val_auroc = AnomalyAUROC()
         self.test_loss = MeanMetric()
-        self.test_auroc = BinaryAUROC(normalization=None, ignore_index=-1)
-        self.test_auprc = BinaryAveragePrecision(normalization=None, ignore_index=-1)
+        self.test_auroc = AnomalyAUROC()
+        self.test_auprc = AnomalyAveragePrecision()
         self.other_auroc = nn.ModuleDict(
             {
-                f"{stage}_{name}": BinaryAUROC(normalization=None, ignore_index=-1)
+                f"{stage}_{name}": AnomalyAUROC()
                 for stage in ("val", "test")
                 for name in self.score_types
                 if name != score
@@ -153,14 +158,22 @@ class AnomalyDetector(L.LightningModule):
         # g_norm of each optimisation step, kept on the device until the next flush
         self._g_norm_pending: list[tuple[int, Tensor]] = []
         self.g_norm_history: list[tuple[int, float]] = []
+        # the optimizer and norm of the step in progress, which clipping reuses
+        self._step_norm: tuple[torch.optim.Optimizer, Tensor] | None = None
 
     def build_network(self) -> nn.Module:
         """The plain network this module trains."""
         raise NotImplementedError(f"{type(self).__name__} must define build_network()")
 
-    def forward_pass(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def forward_pass(
+        self, x: Tensor, code: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """Per-sample loss and score terms of ``x`` ``(batch, input_dim)``, each ``(batch,)``,
-        and the reconstruction ``(batch, input_dim)``, deterministic in eval mode."""
+        and the reconstruction ``(batch, input_dim)``, deterministic in eval mode.
+
+        ``code``, when given, is the encoder's output for ``x`` (the end of
+        :meth:`pathway`), which scoring has already computed: the encoder need not run again.
+        """
         raise NotImplementedError(f"{type(self).__name__} must define forward_pass()")
 
     def terms(self, x: Tensor) -> dict[str, Tensor]:
@@ -171,6 +184,13 @@ class AnomalyDetector(L.LightningModule):
         """What RaPP compares: ``x`` itself, then the output of every encoder block and the
         encoder's output; each ``(batch, width_i)``."""
         return [x, *self.net.encoder.features(x)]
+
+    def _forward_and_pathway(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor, list[Tensor]]:
+        """:meth:`forward_pass` of ``x`` and RaPP's pathway differences, with the encoder
+        run once on ``x`` (its pathway ends with the code) and once on the reconstruction."""
+        feats_x = self.pathway(x)
+        terms, x_hat = self.forward_pass(x, code=feats_x[-1])
+        return terms, x_hat, pathway_differences(feats_x, self.pathway(x_hat))
 
     def _pathway_widths(self) -> list[int]:
         was_training = self.net.training
@@ -189,8 +209,7 @@ class AnomalyDetector(L.LightningModule):
         statistics and the VAE its posterior mean, so a sample's scores do not depend on
         the rest of its batch. ``nap`` is 0 until :meth:`fit_nap_statistics` has run.
         """
-        terms, x_hat = self.forward_pass(x)
-        diffs = pathway_differences(self.pathway(x), self.pathway(x_hat))
+        terms, x_hat, diffs = self._forward_and_pathway(x)
         terms["sap"] = sap_score(diffs)
         terms["nap"] = self.nap.score(diffs)
         return terms, x_hat
@@ -236,8 +255,7 @@ class AnomalyDetector(L.LightningModule):
             x = batch[0].to(self.device)
             if len(batch) > 1:
                 x = x[batch[1].to(self.device) != 1]
-            _, x_hat = self.forward_pass(x)
-            self.nap.update(pathway_differences(self.pathway(x), self.pathway(x_hat)))
+            self.nap.update(self._forward_and_pathway(x)[2])
         self.nap.finalize(reduce=self._sum_over_processes)
         self.train(was_training)
 
@@ -280,6 +298,9 @@ class AnomalyDetector(L.LightningModule):
         """Set the ``threshold`` buffer from validation scores ``(n,)`` and labels ``(n,)``
         (1 anomaly, 0 normal, -1 unknown) with the configured rule."""
         normal = scores[labels == 0]
+        if normal.numel() == 0:
+            # unlabelled validation rows are taken as normal, as unlabelled training rows are
+            normal = scores[labels == -1]
         rule = self.hparams.threshold
         if rule == "f1" and bool((labels == 1).any()):
             known = labels >= 0
@@ -304,10 +325,25 @@ class AnomalyDetector(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, terms = self.shared_step(batch)
-        self.log("train/loss", loss)
-        for name in self.logged_terms:
-            self.log(f"train/{name}", terms[name].mean())
+        if self._logs_this_step(batch_idx):
+            self.log("train/loss", loss)
+            for name in self.logged_terms:
+                self.log(f"train/{name}", terms[name].mean())
         return loss
+
+    def _logs_this_step(self, batch_idx: int) -> bool:
+        """Whether the Trainer writes step metrics to the loggers after this batch, or it
+        is the last of the epoch or of the run (so ``callback_metrics`` ends with its values).
+
+        One ``self.log`` costs about a millisecond of Python, some 10% of a small step, and
+        the Trainer keeps only the values of the steps it writes: the others skip it.
+        """
+        trainer = self.trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        writes = getattr(connector, "should_update_logs", True)
+        last = batch_idx + 1 >= trainer.num_training_batches
+        final = 0 <= trainer.max_steps <= trainer.global_step + 1
+        return bool(writes or trainer.fast_dev_run or last or final or trainer.should_stop)
 
     def _eval_step(
         self, stage: str, batch: tuple[Tensor, Tensor], batch_idx: int
@@ -362,6 +398,9 @@ class AnomalyDetector(L.LightningModule):
         return out
 
     def on_validation_epoch_start(self) -> None:
+        # first make sure no step since the last check diverged: validating (and saving)
+        # NaN weights would only hide where training broke
+        self.flush_g_norm()
         # recomputed with the weights being validated, so a checkpoint saved after this
         # validation carries statistics that match its weights
         source = self._training_source()
@@ -411,7 +450,8 @@ class AnomalyDetector(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         scores, labels = self._gather(self.test_scored)
-        curve = self.test_roc.compute() if scores is not None else None
+        has_both = scores is not None and bool((labels == 0).any() and (labels == 1).any())
+        curve = self.test_roc.compute() if has_both else None
         self._draw("test", scores, labels, curve)
         self.test_roc.reset()
         self._picture = None
@@ -471,13 +511,46 @@ class AnomalyDetector(L.LightningModule):
         return make_grid(pairs, nrow=4, normalize=True, padding=2, pad_value=1.0)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # The Trainer calls this hook after backward and before it clips, so this is the
-        # pre-clip norm. It stays on the device: no host sync per step.
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # The Trainer calls this hook after backward (and AMP's unscaling) and before it
+        # clips, so this is the pre-clip norm. It stays on the device: no host sync per step.
+        # The optimizer's parameters, not self.parameters(): walking every submodule (the
+        # metrics too) each step costs more than the norm itself.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        self._step_norm = None
         if not grads:
             return
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        self._step_norm = (optimizer, norm)
         self._g_norm_pending.append((self.trainer.global_step, norm.detach()))
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by norm with the norm that ``g_norm`` just computed instead of a second one.
+
+        Any other case (clipping by value, precision plugins that clip their own way) goes
+        to Lightning's :meth:`clip_gradients`.
+        """
+        step_norm, self._step_norm = self._step_norm, None
+        plugin = type(self.trainer.precision_plugin)
+        reuse = (
+            step_norm is not None
+            and step_norm[0] is optimizer
+            and isinstance(gradient_clip_val, (int, float))
+            and gradient_clip_val > 0
+            and (gradient_clip_algorithm or "norm") == "norm"
+            and plugin.clip_gradients is Precision.clip_gradients
+            and plugin.clip_grad_by_norm is Precision.clip_grad_by_norm
+        )
+        if not reuse:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, step_norm[1])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if len(self._g_norm_pending) >= self.trainer.log_every_n_steps:
@@ -497,6 +570,25 @@ class AnomalyDetector(L.LightningModule):
         for logger in self.loggers:
             for step, value in zip(steps, values, strict=True):
                 logger.log_metrics({"g_norm": value}, step=step)
+        self._stop_if_not_finite(steps, values)
+
+    def _stop_if_not_finite(self, steps: list[int], values: list[float]) -> None:
+        # A NaN or infinite loss gives a non-finite gradient, so the norm watches both.
+        bad = next((s for s, v in zip(steps, values, strict=True) if not math.isfinite(v)), None)
+        if bad is None:
+            return
+        finite = [(s, v) for s, v in self.g_norm_history if s < bad and math.isfinite(v)]
+        last = f"{finite[-1][1]:.4g} at step {finite[-1][0]}" if finite else "none"
+        clip = self.trainer.gradient_clip_val if self._trainer is not None else None
+        raise NonFiniteError(
+            f"training stopped: non-finite gradient at step {bad} (last finite g_norm: {last}); "
+            f"lower model.init_args.lr (now {self.hparams.lr}), turn on or tighten "
+            f"trainer.gradient_clip_val (now {clip}), and check the data for NaN or inf"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # every step before this save is checked, so no checkpoint holds diverged weights
+        self.flush_g_norm()
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters(), lr=self.hparams.lr)
@@ -525,8 +617,10 @@ class AutoEncoder(AnomalyDetector):
             hp.input_dim, hp.hidden_dim, hp.latent_dim, hp.n_layers, hp.residual, hp.activation
         )
 
-    def forward_pass(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        x_hat = self.net(x)
+    def forward_pass(
+        self, x: Tensor, code: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        x_hat = self.net.decoder(self.net.encoder(x) if code is None else code)
         recon = (x - x_hat).pow(2).mean(dim=1)
         return {"loss": recon, "recon": recon}, x_hat
 
@@ -561,8 +655,15 @@ class VariationalAutoEncoder(AnomalyDetector):
             hp.input_dim, hp.hidden_dim, hp.latent_dim, hp.n_layers, hp.residual, hp.activation
         )
 
-    def forward_pass(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        x_hat, mu, logvar = self.net(x)
+    def forward_pass(
+        self, x: Tensor, code: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        if code is None or self.net.training:
+            x_hat, mu, logvar = self.net(x)
+        else:
+            # eval mode: the decoder reads the posterior mean, as VAENet does
+            mu, logvar = code.chunk(2, dim=1)
+            x_hat = self.net.decoder(mu)
         sq_err = (x - x_hat).pow(2).sum(dim=1)
         kl = kl_divergence(mu, logvar)
         terms = {

@@ -56,3 +56,14 @@ class SignalAtStep(L.Callback):
             import signal
 
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class PoisonBatch(L.Callback):
+    """Puts a NaN into the training batch of one optimisation step (bad data in a test)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            batch[0][0, 0] = float("nan")

@@ -181,3 +181,62 @@ def test_same_seed_same_auroc(tmp_path) -> None:
         results.append(read_scalars(root / "lightning_logs" / "version_0", "val/auroc"))
 
     assert results[0] and results[0] == pytest.approx(results[1], abs=1e-6)
+
+
+def test_unlabelled_table_fits_validates_and_predicts(tmp_path, capsys) -> None:
+    rows = torch.Generator().manual_seed(0)
+    values = torch.randn(200, 5, generator=rows)
+    csv = tmp_path / "readings.csv"
+    lines = ["a,b,c,d,e", *(",".join(f"{v:.5f}" for v in row) for row in values.tolist())]
+    csv.write_text("\n".join(lines) + "\n")
+    config = ROOT / "configs" / "tabular_rae.yaml"
+    data = [
+        f"--data.init_args.path={csv}",
+        "--data.init_args.label_column=null",
+        "--data.init_args.feature_columns=null",
+    ]
+    run = [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+
+    main(["fit", "--config", str(config), *data, *run, "--trainer.max_epochs=2"])
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "predictions.csv"
+    main(
+        [
+            "predict",
+            "--config",
+            str(config),
+            *data,
+            *run,
+            f"--ckpt_path={last}",
+            f"--predictions.path={out}",
+        ]
+    )
+
+    auroc = read_scalars(tmp_path / "lightning_logs" / "version_0", "val/auroc")
+    assert auroc and all(value != value for value in auroc.values())  # NaN: undefined
+    threshold = torch.load(last, weights_only=True)["state_dict"]["threshold"]
+    assert torch.isfinite(threshold)
+    rows = out.read_text().splitlines()
+    assert rows[0] == "index,score,decision,label"
+    assert len(rows) > 1 and all(row.endswith(",") for row in rows[1:])
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys) -> None:
+    args = ["fit", "--config", str(DIGITS_RAE), *_quick(tmp_path, epochs=3)]
+    poison = ["--trainer.callbacks+=helpers.PoisonBatch", "--trainer.callbacks.step=8"]
+
+    with pytest.raises(SystemExit) as exc:
+        main([*args, *poison])
+
+    assert exc.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rae:")]
+    assert len(err) == 1
+    assert "non-finite gradient at step 8 (last finite g_norm: " in err[0]
+    assert "at step 7)" in err[0]
+    assert "lower model.init_args.lr (now 0.001)" in err[0]
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 6  # the end of the first epoch, before the NaN
+    assert all(
+        torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point()
+    )
