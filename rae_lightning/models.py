@@ -647,7 +647,20 @@ class VariationalAutoEncoder(AnomalyDetector):
         if beta < 0:
             raise ValueError(f"beta must be at least 0, got {beta}")
         self.beta = beta
+        self._noise_base: int | None = None
         super().__init__(input_dim, **kwargs)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._noise_base = torch.initial_seed()
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator | None:
+        # The sampling noise of a training step depends only on the run's seed and the
+        # step number, so a resumed run draws what an uninterrupted run would have drawn.
+        if not self.net.training or self._trainer is None or self._noise_base is None:
+            return None
+        seed = (self._noise_base * 1_000_003 + self.trainer.global_step) % (2**63 - 1)
+        return torch.Generator(device=device).manual_seed(seed)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
@@ -659,7 +672,7 @@ class VariationalAutoEncoder(AnomalyDetector):
         self, x: Tensor, code: Tensor | None = None
     ) -> tuple[dict[str, Tensor], Tensor]:
         if code is None or self.net.training:
-            x_hat, mu, logvar = self.net(x)
+            x_hat, mu, logvar = self.net(x, generator=self._noise_generator(x.device))
         else:
             # eval mode: the decoder reads the posterior mean, as VAENet does
             mu, logvar = code.chunk(2, dim=1)

@@ -229,14 +229,22 @@ class VAENet(nn.Module):
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar
 
-    def forward(self, x: Tensor, sample: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Reconstruct ``x``; samples ``z`` in training mode, uses ``mu`` in eval mode."""
+    def forward(
+        self,
+        x: Tensor,
+        sample: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Reconstruct ``x``; samples ``z`` in training mode (from ``generator`` when given,
+        else torch's global generator), uses ``mu`` in eval mode."""
         mu, logvar = self.encode(x)
         if sample is None:
             sample = self.training
         z = mu
         if sample:
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            z = mu + torch.randn(
+                mu.shape, generator=generator, device=mu.device, dtype=mu.dtype
+            ) * torch.exp(0.5 * logvar)
         return self.decoder(z), mu, logvar
 
 

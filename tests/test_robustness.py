@@ -144,9 +144,11 @@ def _final_state(root: Path) -> dict:
     return torch.load(last, weights_only=True)
 
 
-@pytest.mark.parametrize("signal", ["SIGKILL", "SIGTERM"])
-def test_killed_run_resumes_to_the_same_result(tmp_path, signal) -> None:
-    args = ["fit", "--config", str(DIGITS_RAE), *_quick(tmp_path, epochs=4)[1:]]
+@pytest.mark.parametrize(
+    ("signal", "config"), [("SIGKILL", DIGITS_RAE), ("SIGTERM", DIGITS_VAE)], ids=["rae", "vae"]
+)
+def test_killed_run_resumes_to_the_same_result(tmp_path, signal, config) -> None:
+    args = ["fit", "--config", str(config), *_quick(tmp_path, epochs=4)[1:]]
     whole = _rae(*args, f"--trainer.default_root_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-2000:]
 
