@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchmetrics import CatMetric, MeanMetric
+from torchmetrics import CatMetric, MeanMetric, Metric
 from torchmetrics.classification import (
     BinaryF1Score,
     BinaryPrecision,
@@ -396,6 +396,13 @@ class AnomalyDetector(L.LightningModule):
         if len(batch) > 1:
             out["label"] = batch[1]
         return out
+
+    def on_fit_start(self) -> None:
+        # States left by an earlier validate/test ran under inference mode; fit validates
+        # without it and could not update them in place, so start from fresh ones.
+        for module in self.modules():
+            if isinstance(module, Metric):
+                module.reset()
 
     def on_validation_epoch_start(self) -> None:
         # first make sure no step since the last check diverged: validating (and saving)

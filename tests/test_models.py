@@ -177,3 +177,16 @@ def test_auroc_ranks_large_scores_as_they_are() -> None:
 
     expected = roc_auc_score(labels.numpy(), scores.numpy())
     assert model.test_auroc.compute().item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_fit_after_validate_on_the_same_model(tmp_path) -> None:
+    # validate runs under inference mode; fit must still be able to update the metrics
+    L.seed_everything(0)
+    model = AutoEncoder(input_dim=64, hidden_dim=32, latent_dim=4, n_layers=3)
+    dm = _digits()
+    trainer = _trainer(tmp_path, limit_train_batches=3)
+
+    trainer.validate(model, dm, verbose=False)
+    trainer.fit(model, dm)
+
+    assert "val/auroc" in trainer.callback_metrics
