@@ -45,7 +45,8 @@ class BatchTensorDataset(Dataset):
         return self.x[index], self.y[index]
 
     def __getitems__(self, indices: list[int] | Tensor) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        # indices go where the data is (one copy per batch when they come as a list)
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.x.device)
         return self.x[idx], self.y[idx]
 
 
@@ -57,6 +58,10 @@ class TensorBatchSampler(BatchSampler):
     Python work per sample. Any other sampler (a ``DistributedSampler`` that Lightning
     puts in) is read in full and cut the same way. Lightning can re-create this class
     with another sampler, as it does for the torch ``BatchSampler``.
+
+    With ``device`` set, the epoch's order is copied there once and every batch of
+    indices is a slice of it on that device: a dataset held on a GPU is then indexed
+    without a host-to-device copy, or a wait for the GPU, per batch.
     """
 
     def __init__(
@@ -65,9 +70,11 @@ class TensorBatchSampler(BatchSampler):
         batch_size: int,
         drop_last: bool,
         epoch_seed: Callable[[], int] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__(sampler, batch_size, drop_last)
         self.epoch_seed = epoch_seed
+        self.device = device
 
     def __iter__(self) -> Iterator[Tensor]:
         sampler = self.sampler
@@ -85,6 +92,8 @@ class TensorBatchSampler(BatchSampler):
             order = torch.arange(len(sampler.data_source))
         else:
             order = torch.as_tensor(list(sampler), dtype=torch.long)
+        if self.device is not None:
+            order = order.to(self.device)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             yield order[start : start + self.batch_size]
@@ -140,6 +149,12 @@ class NoveltyDataModule(L.LightningDataModule):
         eval_batch_size: batch size for validation, test and predict; default 4x training.
         num_workers: DataLoader workers; 0 is fastest for in-memory tensors.
         pin_memory: pin host memory for faster copies to a GPU.
+        data_on_device: keep the splits in the memory of the Trainer's GPU and cut the
+            batches there, so no step waits for a host-to-device copy. ``None`` (the
+            default): when training on a CUDA GPU and the splits take at most a quarter
+            of its free memory; ``True``: on any accelerator; ``False``: never (batches
+            are copied from host memory, pinned with ``pin_memory``). Needs
+            ``num_workers=0``; on a CPU it changes nothing.
     """
 
     def __init__(
@@ -157,6 +172,7 @@ class NoveltyDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        data_on_device: bool | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -165,9 +181,16 @@ class NoveltyDataModule(L.LightningDataModule):
             raise ValueError(f"eval_batch_size must be at least 1, got {eval_batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be at least 0, got {num_workers}")
+        if data_on_device and num_workers > 0:
+            raise ValueError(
+                f"data_on_device=True needs num_workers=0 (workers cannot share GPU "
+                f"tensors), got num_workers={num_workers}"
+            )
         self.save_hyperparameters()
         self.split: NoveltySplit | None = None
         self.datasets: dict[str, BatchTensorDataset] = {}
+        # copies of the splits on the Trainer's accelerator (see data_on_device)
+        self._device_datasets: dict[str, BatchTensorDataset] = {}
         self.mean: Tensor | None = None
         self.std: Tensor | None = None
 
@@ -268,6 +291,12 @@ class NoveltyDataModule(L.LightningDataModule):
             raise RuntimeError(f"call setup() before asking for the {name} dataloader")
         dataset = self.datasets[name]
         hp = self.hparams
+        device = self._data_device()
+        if device is not None:
+            if name not in self._device_datasets:
+                ds = BatchTensorDataset(dataset.x.to(device), dataset.y.to(device))
+                self._device_datasets[name] = ds
+            dataset = self._device_datasets[name]
         batch_size = hp.batch_size if train else (hp.eval_batch_size or 4 * hp.batch_size)
         sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
         # BatchNorm cannot train on a batch of one sample
@@ -281,7 +310,7 @@ class NoveltyDataModule(L.LightningDataModule):
                 batch_size=batch_size,
                 sampler=EvalShardSampler(dataset, trainer.world_size, trainer.global_rank),
                 num_workers=hp.num_workers,
-                pin_memory=hp.pin_memory,
+                pin_memory=hp.pin_memory and device is None,
                 persistent_workers=hp.num_workers > 0,
                 collate_fn=keep_batch,
             )
@@ -291,12 +320,34 @@ class NoveltyDataModule(L.LightningDataModule):
             epoch_seed = self._epoch_seed
         return DataLoader(
             dataset,
-            batch_sampler=TensorBatchSampler(sampler, batch_size, drop_last, epoch_seed),
+            batch_sampler=TensorBatchSampler(sampler, batch_size, drop_last, epoch_seed, device),
             num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
+            pin_memory=hp.pin_memory and device is None,
             persistent_workers=hp.num_workers > 0,
             collate_fn=keep_batch,
         )
+
+    def _data_device(self) -> torch.device | None:
+        """The accelerator that holds the splits (see ``data_on_device``), or None for host
+        memory."""
+        choice = self.hparams.get("data_on_device")
+        trainer = self.trainer
+        if choice is False or trainer is None:
+            return None
+        device = trainer.strategy.root_device
+        if device.type == "cpu":
+            return None
+        if choice is None:
+            if device.type != "cuda" or self.hparams.num_workers > 0:
+                return None
+            free, _ = torch.cuda.mem_get_info(device)
+            nbytes = sum(ds.x.nbytes + ds.y.nbytes for ds in self.datasets.values())
+            if nbytes > free // 4:
+                return None
+        if not self._device_datasets:
+            nbytes = sum(ds.x.nbytes + ds.y.nbytes for ds in self.datasets.values())
+            log.info("Keeping the splits on %s (%.1f MiB)", device, nbytes / 2**20)
+        return device
 
     def _epoch_seed(self) -> int:
         # The shuffle of an epoch depends only on the run's seed and the epoch number, so
