@@ -201,6 +201,9 @@ _STRICT = {"exit_on_error": False, "allow_abbrev": False}
 PARSER_KWARGS = {**_STRICT, **{name: _STRICT for name in ("fit", "validate", "test", "predict")}}
 # errors that carry a message for the user; anything else keeps its traceback
 USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError, CheckpointError)
+# The progress bar redraws every this many steps unless TQDM_MINITERS says otherwise:
+# Lightning's default redraw at every step costs about 1 ms, 10% of a batch-64 MLP step
+PROGRESS_BAR_STEPS = "10"
 
 
 def main(args: list[str] | None = None) -> None:
@@ -210,6 +213,7 @@ def main(args: list[str] | None = None) -> None:
     ``RAE_TRACEBACK=1`` to see the full traceback instead.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TQDM_MINITERS", PROGRESS_BAR_STEPS)
     try:
         RAECLI(args=args, parser_kwargs=PARSER_KWARGS)
     except SIGTERMException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -11,8 +13,10 @@ from helpers import read_scalars
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from rae_lightning import AutoEncoder, DigitsDataModule, VariationalAutoEncoder
+from rae_lightning.cli import main
 from rae_lightning.scoring import pathway_differences, sap_score
 
+DIGITS_RAE = Path(__file__).parents[1] / "configs" / "digits_rae.yaml"
 SMALL = {"input_dim": 64, "hidden_dim": 32, "latent_dim": 4, "n_layers": 4, "residual": True}
 
 
@@ -138,3 +142,18 @@ def test_batches_stay_on_the_host_for_a_cpu_trainer() -> None:
 def test_data_on_device_refuses_workers() -> None:
     with pytest.raises(ValueError, match="data_on_device=True needs num_workers=0"):
         _digits(data_on_device=True, num_workers=2)
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, 10), ("1", 1)])
+def test_rae_redraws_the_progress_bar_every_ten_steps(monkeypatch, capsys, env, expected):
+    if env is None:
+        monkeypatch.delenv("TQDM_MINITERS", raising=False)
+    else:
+        monkeypatch.setenv("TQDM_MINITERS", env)
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(DIGITS_RAE), "--print_config"])
+
+    assert os.environ["TQDM_MINITERS"] == str(expected)
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    assert trainer.progress_bar_callback.refresh_rate == expected
