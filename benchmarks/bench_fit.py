@@ -56,7 +56,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from rae_lightning import AutoEncoder, NoveltyDataModule
-from rae_lightning.cli import PROGRESS_BAR_STEPS
+from rae_lightning.cli import PROGRESS_BAR_STEPS, set_cpu_threads
 from rae_lightning.networks import AutoEncoderNet
 from rae_lightning.prediction import PredictionWriter
 from rae_lightning.scoring import pathway_differences, sap_score
@@ -349,7 +349,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", type=int, default=5, help="untimed batches at the start")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads; default: rae's")
     parser.add_argument("--accelerator", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-score", action="store_true", help="skip the scoring benchmark")
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
@@ -361,6 +361,8 @@ def main() -> None:
     args.accelerator = "gpu" if args.device == "cuda" else "cpu"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    else:
+        set_cpu_threads()  # what `rae` would choose
     # the progress bar redraws as often as under `rae fit`
     os.environ.setdefault("TQDM_MINITERS", PROGRESS_BAR_STEPS)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
