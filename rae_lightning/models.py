@@ -90,6 +90,7 @@ class AnomalyDetector(L.LightningModule):
 
     score_types: tuple[str, ...] = ("recon", "sap", "nap")
     logged_terms: tuple[str, ...] = ()
+    network_class: type[nn.Module] | None = None
 
     def __init__(
         self,
@@ -162,8 +163,13 @@ class AnomalyDetector(L.LightningModule):
         self._step_norm: tuple[torch.optim.Optimizer, Tensor] | None = None
 
     def build_network(self) -> nn.Module:
-        """The plain network this module trains."""
-        raise NotImplementedError(f"{type(self).__name__} must define build_network()")
+        """The plain network this module trains: ``network_class`` with the size arguments."""
+        if self.network_class is None:
+            raise NotImplementedError(f"{type(self).__name__} must set network_class")
+        hp = self.hparams
+        return self.network_class(
+            hp.input_dim, hp.hidden_dim, hp.latent_dim, hp.n_layers, hp.residual, hp.activation
+        )
 
     def forward_pass(
         self, x: Tensor, code: Tensor | None = None
@@ -617,12 +623,7 @@ class AutoEncoder(AnomalyDetector):
     """
 
     score_types = ("recon", "sap", "nap")
-
-    def build_network(self) -> nn.Module:
-        hp = self.hparams
-        return AutoEncoderNet(
-            hp.input_dim, hp.hidden_dim, hp.latent_dim, hp.n_layers, hp.residual, hp.activation
-        )
+    network_class = AutoEncoderNet
 
     def forward_pass(
         self, x: Tensor, code: Tensor | None = None
@@ -648,6 +649,7 @@ class VariationalAutoEncoder(AnomalyDetector):
     """
 
     score_types = ("recon", "elbo", "sap", "nap")
+    network_class = VAENet
     logged_terms = ("recon", "kl")
 
     def __init__(self, input_dim: int, beta: float = 1.0, **kwargs: Any) -> None:
@@ -668,12 +670,6 @@ class VariationalAutoEncoder(AnomalyDetector):
             return None
         seed = (self._noise_base * 1_000_003 + self.trainer.global_step) % (2**63 - 1)
         return torch.Generator(device=device).manual_seed(seed)
-
-    def build_network(self) -> nn.Module:
-        hp = self.hparams
-        return VAENet(
-            hp.input_dim, hp.hidden_dim, hp.latent_dim, hp.n_layers, hp.residual, hp.activation
-        )
 
     def forward_pass(
         self, x: Tensor, code: Tensor | None = None
