@@ -57,7 +57,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from rae_lightning import AutoEncoder, NoveltyDataModule
-from rae_lightning.cli import PROGRESS_BAR_STEPS, set_cpu_threads
+from rae_lightning.cli import PROGRESS_BAR_STEPS
 from rae_lightning.networks import AutoEncoderNet
 from rae_lightning.prediction import PredictionWriter
 from rae_lightning.scoring import pathway_differences, sap_score
@@ -362,8 +362,6 @@ def main() -> None:
     args.accelerator = "gpu" if args.device == "cuda" else "cpu"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    else:
-        set_cpu_threads()  # what `rae` would choose
     # the progress bar redraws as often as under `rae fit`
     os.environ.setdefault("TQDM_MINITERS", PROGRESS_BAR_STEPS)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

@@ -9,7 +9,6 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -207,36 +206,6 @@ USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError, CheckpointError)
 PROGRESS_BAR_STEPS = "10"
 
 
-def cpu_threads(cores: int, load: float, default: int) -> int:
-    """Torch CPU threads for ``rae``: torch's ``default`` (one per core), but no more than
-    the ``cores`` that other processes leave idle (their 1-minute ``load`` average), and
-    at least 1.
-
-    More threads than idle cores make each of torch's parallel regions wait for a thread
-    that is not running: on the 2-core development machine under a load of 4 to 6, two
-    threads trained an MLP 20 to 100 times slower than one.
-    """
-    return max(1, min(default, round(cores - load)))
-
-
-def set_cpu_threads() -> None:
-    """Apply :func:`cpu_threads` unless ``OMP_NUM_THREADS`` sets the count."""
-    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0]
-    threads = cpu_threads(cores or 1, load, torch.get_num_threads())
-    if threads < torch.get_num_threads():
-        log.info(
-            "Using %d CPU thread(s): %d cores under a load of %.1f (set OMP_NUM_THREADS "
-            "to choose)",
-            threads,
-            cores,
-            load,
-        )
-        torch.set_num_threads(threads)
-
-
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``rae`` command.
 
@@ -245,7 +214,6 @@ def main(args: list[str] | None = None) -> None:
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TQDM_MINITERS", PROGRESS_BAR_STEPS)
-    set_cpu_threads()
     try:
         RAECLI(args=args, parser_kwargs=PARSER_KWARGS)
     except SIGTERMException:

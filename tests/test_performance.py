@@ -13,7 +13,7 @@ from helpers import read_scalars
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from rae_lightning import AutoEncoder, DigitsDataModule, VariationalAutoEncoder
-from rae_lightning.cli import cpu_threads, main
+from rae_lightning.cli import main
 from rae_lightning.scoring import pathway_differences, sap_score
 
 DIGITS_RAE = Path(__file__).parents[1] / "configs" / "digits_rae.yaml"
@@ -157,28 +157,3 @@ def test_rae_redraws_the_progress_bar_every_ten_steps(monkeypatch, capsys, env, 
     assert os.environ["TQDM_MINITERS"] == str(expected)
     trainer = L.Trainer(accelerator="cpu", logger=False)
     assert trainer.progress_bar_callback.refresh_rate == expected
-
-
-@pytest.mark.parametrize(
-    ("cores", "load", "default", "expected"),
-    [(2, 0.2, 2, 2), (2, 4.6, 2, 1), (2, 1.2, 2, 1), (16, 3.2, 8, 8), (16, 12.0, 8, 4)],
-)
-def test_rae_uses_no_more_threads_than_idle_cores(cores, load, default, expected) -> None:
-    assert cpu_threads(cores, load, default) == expected
-
-
-@pytest.mark.parametrize(("omp", "expected"), [(None, 1), ("2", 2)])
-def test_rae_sets_threads_from_the_load_unless_omp_num_threads(monkeypatch, omp, expected):
-    before = torch.get_num_threads()
-    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))
-    if omp is None:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    else:
-        monkeypatch.setenv("OMP_NUM_THREADS", omp)
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(SystemExit):
-            main(["fit", "--config", str(DIGITS_RAE), "--print_config"])
-        assert torch.get_num_threads() == expected
-    finally:
-        torch.set_num_threads(before)
