@@ -67,3 +67,17 @@ class PoisonBatch(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             batch[0][0, 0] = float("nan")
+
+
+def quiet_trainer(tmp_path: str | Path, **kwargs) -> L.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or summary; kwargs override."""
+    defaults = dict(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    return L.Trainer(**(defaults | kwargs))

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import read_scalars
+from helpers import quiet_trainer, read_scalars
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -23,18 +23,6 @@ from rae_lightning.prediction import PredictionWriter
 DIGITS_RAE = Path(__file__).parents[1] / "configs" / "digits_rae.yaml"
 
 
-def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-    )
-    return L.Trainer(**(defaults | kwargs))
-
-
 def test_checkpoints_carry_the_threshold_and_nap_statistics_of_their_weights(tmp_path) -> None:
     L.seed_everything(0)
     dm = DigitsDataModule(protocol="leave_one_out", classes=[1])
@@ -42,7 +30,9 @@ def test_checkpoints_carry_the_threshold_and_nap_statistics_of_their_weights(tmp
         input_dim=64, hidden_dim=32, latent_dim=4, n_layers=4, residual=True, threshold="f1"
     )
     every_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
-    trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=5, enable_checkpointing=True)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=2, limit_train_batches=5, enable_checkpointing=True
+    )
     trainer.callbacks.append(every_epoch)
     trainer.fit(model, dm)
     paths = sorted(tmp_path.glob("epoch=*.ckpt"))
@@ -59,7 +49,7 @@ def test_checkpoints_carry_the_threshold_and_nap_statistics_of_their_weights(tmp
         loaded.fit_nap_statistics([(dm.datasets["train"].x,)])
         for name, value in loaded.nap.state_dict().items():
             torch.testing.assert_close(value, saved_stats[name], rtol=1e-4, atol=1e-5)
-        metrics = _trainer(tmp_path).validate(loaded, dm, verbose=False)[0]
+        metrics = quiet_trainer(tmp_path).validate(loaded, dm, verbose=False)[0]
         assert metrics["val/threshold"] == pytest.approx(saved_threshold.item(), rel=1e-5)
 
     # the last checkpoint holds the final weights: the same scores and decisions
@@ -89,7 +79,7 @@ def test_predict_writes_unknown_labels_as_empty_cells(tmp_path) -> None:
     loader = DataLoader(unlabelled, batch_size=16, collate_fn=keep_batch)
     path = tmp_path / "out" / "predictions.csv"
 
-    _trainer(tmp_path, callbacks=[PredictionWriter(path)]).predict(model, loader)
+    quiet_trainer(tmp_path, callbacks=[PredictionWriter(path)]).predict(model, loader)
 
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import GradNormRecorder
+from helpers import GradNormRecorder, quiet_trainer
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from rae_lightning import AutoEncoder, DigitsDataModule, VariationalAutoEncoder
@@ -18,19 +18,6 @@ MODELS = [
 ]
 
 
-def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-    )
-    return L.Trainer(**(defaults | kwargs))
-
-
 def _digits(**kwargs) -> DigitsDataModule:
     return DigitsDataModule(**({"protocol": "leave_one_out", "classes": [1]} | kwargs))
 
@@ -40,7 +27,7 @@ def test_auroc_and_auprc_match_sklearn(tmp_path, cls, kwargs) -> None:
     L.seed_everything(0)
     dm = _digits()
     model = cls(input_dim=64, hidden_dim=32, latent_dim=4, n_layers=3, **kwargs)
-    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer = quiet_trainer(tmp_path, max_epochs=2)
 
     trainer.fit(model, dm)
     assert {"val/auroc", "val/loss"} <= set(trainer.callback_metrics)
@@ -61,7 +48,7 @@ def test_val_loss_is_the_mean_loss_of_normal_samples(tmp_path) -> None:
     L.seed_everything(0)
     dm = _digits()
     model = AutoEncoder(input_dim=64, hidden_dim=32, latent_dim=4, n_layers=2)
-    trainer = _trainer(tmp_path)
+    trainer = quiet_trainer(tmp_path)
 
     metrics = trainer.validate(model, dm, verbose=False)[0]
 
@@ -82,7 +69,8 @@ def test_vae_logs_its_terms_and_loss_is_recon_plus_beta_kl(tmp_path) -> None:
 
     torch.testing.assert_close(terms["loss"], 64 * terms["recon"] + 0.5 * terms["kl"])
     torch.testing.assert_close(terms["elbo"], 64 * terms["recon"] + terms["kl"])
-    trainer = _trainer(tmp_path, max_steps=2)
+    model.train()
+    trainer = quiet_trainer(tmp_path, max_steps=2)
     trainer.fit(model, _digits())
     assert {"train/loss", "train/recon", "train/kl"} <= set(trainer.callback_metrics)
 
@@ -92,7 +80,7 @@ def test_g_norm_is_the_pre_clip_norm_of_every_step(tmp_path, cls, kwargs) -> Non
     L.seed_everything(0)
     recorder = GradNormRecorder()
     model = cls(input_dim=64, hidden_dim=32, latent_dim=4, n_layers=4, **kwargs)
-    trainer = _trainer(tmp_path, max_steps=12, gradient_clip_val=0.5, callbacks=[recorder])
+    trainer = quiet_trainer(tmp_path, max_steps=12, gradient_clip_val=0.5, callbacks=[recorder])
 
     trainer.fit(model, _digits(batch_size=32))
 
@@ -106,7 +94,7 @@ def test_clipping_bounds_the_update(tmp_path) -> None:
     L.seed_everything(0)
     recorder = GradNormRecorder()
     model = AutoEncoder(input_dim=64, hidden_dim=32, latent_dim=4, n_layers=6, residual=True)
-    trainer = _trainer(
+    trainer = quiet_trainer(
         tmp_path,
         max_steps=8,
         gradient_clip_val=1e-3,
@@ -126,7 +114,7 @@ def test_without_clipping_the_update_keeps_its_norm(tmp_path) -> None:
     L.seed_everything(0)
     recorder = GradNormRecorder()
     model = AutoEncoder(input_dim=64, hidden_dim=32, latent_dim=4, n_layers=6, residual=True)
-    trainer = _trainer(tmp_path, max_steps=4, callbacks=[recorder])
+    trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[recorder])
 
     trainer.fit(model, _digits(batch_size=32))
 
@@ -154,7 +142,7 @@ def test_checkpoint_restores_hyperparameters(tmp_path) -> None:
     model = VariationalAutoEncoder(
         input_dim=64, hidden_dim=24, n_layers=5, residual=True, beta=2.0
     )
-    trainer = _trainer(tmp_path, max_steps=1)
+    trainer = quiet_trainer(tmp_path, max_steps=1)
     trainer.fit(model, _digits())
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -184,7 +172,7 @@ def test_fit_after_validate_on_the_same_model(tmp_path) -> None:
     L.seed_everything(0)
     model = AutoEncoder(input_dim=64, hidden_dim=32, latent_dim=4, n_layers=3)
     dm = _digits()
-    trainer = _trainer(tmp_path, limit_train_batches=3)
+    trainer = quiet_trainer(tmp_path, limit_train_batches=3)
 
     trainer.validate(model, dm, verbose=False)
     trainer.fit(model, dm)
