@@ -20,13 +20,12 @@ import argparse
 import csv
 import logging
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from statistics import mean, stdev
 
-from rapp_digits import append_row
+from runs import append_row, fit_and_test_last
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tabular_rae.yaml"
@@ -62,40 +61,19 @@ def baselines(datamodule, latent_dim: int, seed: int) -> dict[str, float]:
 
 def run_one(path: Path, model: str, seed: int, max_epochs: int) -> dict:
     """Fit the tabular config on one file and split, test the last weights."""
-    import lightning as L
-    import torch
-
-    from rae_lightning.cli import RAECLI
-
-    torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        args = [
-            "--config",
-            str(CONFIG),
-            f"--seed_everything={seed}",
-            f"--model.init_args.residual={str(MODELS[model]).lower()}",
-            f"--data.init_args.path={path}",
-            "--data.init_args.feature_columns=null",
-            "--data.init_args.label_column=y",
-            f"--data.init_args.seed={seed}",
-            f"--trainer.max_epochs={max_epochs}",
-            f"--trainer.default_root_dir={tmp}",
-            "--trainer.logger=false",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-        ]
-        cli = RAECLI(args=args, run=False)
-        L.seed_everything(seed, verbose=False)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-        seconds = time.perf_counter() - start
-        row = {"dataset": path.stem, "model": model, "seed": seed, "epochs": max_epochs}
-        row |= {name: round(float(metrics[key]), 4) for name, key in METRICS.items()}
-        row |= baselines(cli.datamodule, cli.model.hparams.latent_dim, seed)
+    overrides = [
+        f"--model.init_args.residual={str(MODELS[model]).lower()}",
+        f"--data.init_args.path={path}",
+        "--data.init_args.feature_columns=null",
+        "--data.init_args.label_column=y",
+        f"--data.init_args.seed={seed}",
+    ]
+    cli, metrics = fit_and_test_last(CONFIG, seed, max_epochs, overrides)
+    seconds = time.perf_counter() - start
+    row = {"dataset": path.stem, "model": model, "seed": seed, "epochs": max_epochs}
+    row |= {name: round(float(metrics[key]), 4) for name, key in METRICS.items()}
+    row |= baselines(cli.datamodule, cli.model.hparams.latent_dim, seed)
     row["seconds"] = round(seconds, 1)
     return row
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from statistics import mean, stdev
+
+from runs import append_row, fit_and_test_last
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"AE": ROOT / "configs" / "digits_ae.yaml", "RAE": ROOT / "configs" / "digits_rae.yaml"}
@@ -32,33 +33,9 @@ log = logging.getLogger("rapp_digits")
 
 def run_one(model: str, digit: int, seed: int, max_epochs: int) -> dict:
     """Fit one config on one split and test the last weights; returns the AUROCs."""
-    import lightning as L
-    import torch
-
-    from rae_lightning.cli import RAECLI
-
-    torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        args = [
-            "--config",
-            str(CONFIGS[model]),
-            f"--seed_everything={seed}",
-            f"--data.init_args.classes=[{digit}]",
-            f"--data.init_args.seed={seed}",
-            f"--trainer.max_epochs={max_epochs}",
-            f"--trainer.default_root_dir={tmp}",
-            "--trainer.logger=false",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-        ]
-        cli = RAECLI(args=args, run=False)
-        L.seed_everything(seed, verbose=False)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    overrides = [f"--data.init_args.classes=[{digit}]", f"--data.init_args.seed={seed}"]
+    _, metrics = fit_and_test_last(CONFIGS[model], seed, max_epochs, overrides)
     row = {"model": model, "digit": digit, "seed": seed, "epochs": max_epochs}
     row |= {score: round(float(metrics[key]), 4) for score, key in SCORES.items()}
     row["seconds"] = round(time.perf_counter() - start, 1)
@@ -77,16 +54,6 @@ def read_rows(path: Path) -> dict[tuple, dict]:
         for key in (*SCORES, "seconds"):
             row[key] = float(row[key])
     return {(r["model"], r["digit"], r["seed"], r["epochs"]): r for r in rows}
-
-
-def append_row(path: Path, row: dict) -> None:
-    """Append one run to the CSV, writing the header first if the file is new."""
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
 
 
 def summarise(rows: list[dict], seeds: list[int], digits: list[int]) -> str:
