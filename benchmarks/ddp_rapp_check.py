@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("ddp_rapp_check")
 
 
 def rae(subcommand: str, root: Path, *extra: str) -> None:
@@ -48,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("ddp_check"))
     root = parser.parse_args().root
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2"]
     single = ["--trainer.devices=1"]
 
@@ -70,20 +73,21 @@ def main() -> None:
     with torch.no_grad():
         nap_one = model.eval().score_batch(x_test)[0]["nap"]
     rel = ((nap_ddp - nap_one).abs() / nap_one.abs().clamp_min(1e-12)).max().item()
-    print(f"NAP test scores, DDP statistics vs one process: largest relative difference {rel:.2e}")
+    log.info("NAP test scores, DDP statistics vs one process: largest relative difference %.2e",
+             rel)  # fmt: skip
     worst = max(
         (model.state_dict()[k].double() - v.double()).abs().max().item()
         for k, v in state["state_dict"].items()
         if k.startswith("nap.")
     )
-    print(f"NAP statistics, DDP checkpoint vs one process: largest difference {worst:.2e}")
+    log.info("NAP statistics, DDP checkpoint vs one process: largest difference %.2e", worst)
 
     with torch.no_grad():
         model.eval()
         val = data.datasets["val"]
         model.choose_threshold(model(val.x), val.y)
     saved = state["state_dict"]["threshold"].item()
-    print(f"threshold: DDP {saved:.6g}, one process {model.threshold.item():.6g}")
+    log.info("threshold: DDP %.6g, one process %.6g", saved, model.threshold.item())
 
     ddp_rows, one_rows = read_csv(root / "ddp.csv"), read_csv(root / "one.csv")
     indices = [int(r["index"]) for r in ddp_rows]
@@ -94,11 +98,11 @@ def main() -> None:
         and abs(float(a["score"]) - float(b["score"])) <= 1e-5 * (1 + abs(float(b["score"])))
         for a, b in zip(ddp_rows, one_rows, strict=True)
     )
-    print(
-        f"predict: {len(ddp_rows)} rows under DDP, {len(one_rows)} in one process, "
-        f"indices in order and once each: {indices == list(range(len(one_rows)))}, "
-        f"rows agree: {same}"
-    )
+    log.info(
+        "predict: %d rows under DDP, %d in one process, indices in order and once each: %s, "
+        "rows agree: %s",
+        len(ddp_rows), len(one_rows), indices == list(range(len(one_rows))), same,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
