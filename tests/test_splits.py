@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -168,3 +170,20 @@ def test_all_unlabelled_data_needs_no_class_to_be_present() -> None:
 def test_bad_source_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         novelty_split(LABELS, "one_vs_rest", [0], **kwargs)
+
+
+def test_anomaly_ratio_never_empties_a_split_with_one_kind() -> None:
+    split = novelty_split(LABELS, "leave_one_out", [3], anomaly_val_frac=0.0, anomaly_ratio=0.5)
+
+    assert len(split.val) == round(0.2 * 450)
+    assert split.classes_present("val") == [0]
+    assert abs(split.labels("test").mean() - 0.5) <= 1 / len(split.test)
+
+
+def test_samples_left_by_the_fractions_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="rae_lightning.data.splits"):
+        novelty_split(LABELS, "leave_one_out", [3], train_frac=0.5, val_frac=0.2, test_frac=0.2)
+
+    assert "45 normal and 0 anomalous samples of the pool that the fractions cut are in no" in (
+        caplog.text
+    )

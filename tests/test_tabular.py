@@ -364,3 +364,74 @@ def test_text_labels_and_multiclass_protocols(tmp_path: Path) -> None:
     np.testing.assert_array_equal(binary.split.is_anomaly, state == "fault")
     np.testing.assert_array_equal(one_vs_rest.split.is_anomaly, state != "run")
     assert (state[one_vs_rest.split.train] == "run").all()
+
+
+def test_explicit_files_with_default_fractions_lose_no_row(tmp_path: Path) -> None:
+    normal = make_table(200, anomaly_every=10**6, seed=1)
+    normal.loc[[5, 50], "failure"] = 1  # labelled failures in the training file validate
+    val, test = make_table(60, seed=2), make_table(80, seed=3)
+    dm = TabularDataModule(
+        train_path=write_csv(tmp_path / "normal.csv", normal),
+        val_path=write_csv(tmp_path / "val.csv", val),
+        test_path=write_csv(tmp_path / "test.csv", test),
+        label_column="failure",
+    )
+    dm.setup()
+
+    assert len(dm.datasets["train"]) == 198
+    assert len(dm.datasets["val"]) == 60 + 2
+    np.testing.assert_array_equal(dm.split.test, np.arange(260, 340))
+
+
+def test_training_and_test_files_carve_validation_from_training_rows(tmp_path: Path) -> None:
+    normal = make_table(200, anomaly_every=10**6, seed=1)
+    dm = TabularDataModule(
+        train_path=write_csv(tmp_path / "normal.csv", normal),
+        test_path=write_csv(tmp_path / "test.csv", make_table(80, seed=3)),
+        label_column="failure",
+    )
+    dm.setup()
+
+    assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (160, 40)
+    assert len(dm.datasets["test"]) == 80
+
+
+def test_feature_constant_in_training_is_centred_not_blown_up(tmp_path: Path) -> None:
+    frame = make_table()
+    frame["current"] = np.where(frame["failure"] == 1, 13.0, 12.0)  # constant among normals
+    dm = dm_for(write_csv(tmp_path / "c.csv", frame))
+    dm.setup()
+
+    assert float(dm.std[3]) == 1.0
+    test = dm.datasets["test"]
+    np.testing.assert_allclose(test.x[:, 3].numpy(), test.y.numpy().astype(float), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("labels", "classes", "message"),
+    [
+        (["no", "yes"], [1], r"anomaly label values \[1\] are absent from the labels; "
+                             r"present: \['no', 'yes'\]"),
+        (["fail", "ok"], ["failure"], r"anomaly label values \['failure'\] are absent"),
+        ([0, 1], ["fault"], r"classes holds 'fault', but the labels are numbers"),
+    ],
+)  # fmt: skip
+def test_anomaly_label_values_that_do_not_occur_are_an_error(
+    tmp_path: Path, labels: list, classes: list, message: str
+) -> None:
+    frame = make_table(100)
+    frame["failure"] = [labels[i % 2] for i in range(len(frame))]
+    dm = dm_for(write_csv(tmp_path / "l.csv", frame), classes=classes)
+
+    with pytest.raises(ValueError, match=r"l\.csv: label column 'failure': " + message) as info:
+        dm.setup()
+    assert "\n" not in str(info.value)
+
+
+def test_no_normal_rows_names_the_protocol_of_the_config(tmp_path: Path) -> None:
+    frame = make_table(100)
+    frame["failure"] = np.arange(100) % 2
+    dm = dm_for(write_csv(tmp_path / "a.csv", frame), protocol="leave_one_out", classes=[0, 1])
+
+    with pytest.raises(ValueError, match=r"under protocol 'leave_one_out' with classes \[0, 1\]"):
+        dm.setup()

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import (
     BatchSampler,
@@ -252,6 +252,11 @@ class NoveltyDataModule(L.LightningDataModule):
             return
         features, labels = self.load()
         split = self.make_split(labels)
+        if len(split.train) < 2:
+            raise ValueError(
+                f"the training split holds {len(split.train)} sample; BatchNorm needs at "
+                "least 2: raise train_frac or give more normal data"
+            )
         x_all = torch.as_tensor(features)
         y_all = torch.as_tensor(split.is_anomaly, dtype=torch.long)
         xs = {}
@@ -262,24 +267,30 @@ class NoveltyDataModule(L.LightningDataModule):
                 xs[name].mul_(self.value_scale)
         if self.hparams.standardize:
             self.mean = xs["train"].mean(dim=0)
-            self.std = xs["train"].std(dim=0).nan_to_num(1.0).clamp_min(1e-6)
+            std = xs["train"].std(dim=0).nan_to_num(0.0)
+            # a feature constant in training is centred, not divided by a tiny number
+            # (which would blow its val/test values up by orders of magnitude)
+            self.std = torch.where(std > 1e-6, std, torch.ones_like(std))
             for name in xs:
                 xs[name].sub_(self.mean).div_(self.std)
         self.split = split
         for name, x in xs.items():
             idx = torch.as_tensor(getattr(split, name), dtype=torch.long)
             self.datasets[name] = BatchTensorDataset(x.contiguous(), y_all[idx].contiguous())
-        log.info(
-            "%s: protocol=%s, %s, input_dim=%d; %s",
-            type(self).__name__,
-            self.hparams.protocol,
-            self.describe_classes(),
-            self.input_dim,
-            split.describe(),
-        )
+        if rank_zero_only.rank == 0:
+            log.info(
+                "%s: protocol=%s, %s, input_dim=%d; %s",
+                type(self).__name__,
+                self.hparams.protocol,
+                self.describe_classes(),
+                self.input_dim,
+                split.describe(),
+            )
         for name in ("val", "test"):
             present = split.classes_present(name)
-            if len(present) < 2 and len(getattr(split, name)) > 0:
+            if len(getattr(split, name)) == 0:
+                rank_zero_warn(f"the {name} split is empty: {name}/auroc cannot be computed")
+            elif len(present) < 2:
                 held = {(): "no labelled sample", (0,): "normals only", (1,): "anomalies only"}
                 rank_zero_warn(
                     f"the {name} split holds {held[tuple(present)]}: {name}/auroc needs "

@@ -75,16 +75,41 @@ def anomaly_flags(
         if protocol != "binary":
             raise ValueError(f"classes must name at least one class for protocol {protocol!r}")
         classes = [1]
-    present = set(np.unique(labels).tolist())
-    missing = [c for c in classes if c not in present]
+    values = _class_values(labels, classes)
+    present = np.unique(labels).tolist()
+    missing = [c for c, v in zip(classes, values, strict=True) if v not in set(present)]
     if missing and protocol != "binary":
+        raise ValueError(f"classes {missing} are absent from the labels; present: {present}")
+    # binary: labels of 0 alone are all-normal data (it warns later, where AUROC needs
+    # both kinds); any other labels without the anomaly values mean the values are wrong
+    if len(missing) == len(classes) and protocol == "binary" and set(present) - {0}:
         raise ValueError(
-            f"classes {missing} are absent from the labels; present: {sorted(present)}"
+            f"anomaly label values {list(classes)} are absent from the labels; present: "
+            f"{present}; set classes to the label value(s) of the anomalies"
         )
-    in_classes = np.isin(labels, np.asarray(list(classes), dtype=labels.dtype))
+    in_classes = np.isin(labels, values)
     if protocol == "one_vs_rest":
         return ~in_classes
     return in_classes
+
+
+def _class_values(labels: np.ndarray, classes: Sequence[int | str]) -> list:
+    """The classes as values comparable with ``labels``, without a lossy cast: text labels
+    compare as text, numeric labels with numbers only."""
+    if labels.dtype.kind in "OUS":
+        return [str(c) for c in classes]
+    values = []
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, (int, float, np.number)):
+            try:
+                c = float(c)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"classes holds {c!r}, but the labels are numbers "
+                    f"({np.unique(labels).tolist()[:10]})"
+                ) from None
+        values.append(int(c) if float(c).is_integer() else float(c))
+    return values
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -92,15 +117,21 @@ def _check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-def _balance(normals: np.ndarray, anomalies: np.ndarray, ratio: float | None):
-    """Drop normals or anomalies so that anomalies make up ``ratio`` of the split."""
-    if ratio is None or len(normals) + len(anomalies) == 0:
+def _balance(
+    normals: np.ndarray, anomalies: np.ndarray, ratio: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop normals or anomalies so that anomalies make up ``ratio`` of the split.
+
+    A split without normals or without anomalies stays as it is: no ratio can be reached
+    by dropping, and trimming would empty it.
+    """
+    if ratio is None or len(normals) == 0 or len(anomalies) == 0:
         return normals, anomalies
     n_norm, n_anom = len(normals), len(anomalies)
     if n_anom > ratio * (n_norm + n_anom):
-        n_anom = int(round(ratio * n_norm / (1.0 - ratio)))
+        n_anom = max(1, int(round(ratio * n_norm / (1.0 - ratio))))
     else:
-        n_norm = int(round(n_anom * (1.0 - ratio) / ratio))
+        n_norm = max(1, int(round(n_anom * (1.0 - ratio) / ratio)))
     return normals[:n_norm], anomalies[:n_anom]
 
 
@@ -222,6 +253,16 @@ def novelty_split(
             "normal samples"
         )
     val_anom, test_anom = _cut(anomalies, anomaly_val_frac, anomaly_test_frac)
+    unused_norm = len(normals) - len(train) - len(val_norm) - len(test_norm)
+    unused_anom = len(anomalies) - len(val_anom) - len(test_anom)
+    if unused_norm or unused_anom:
+        log.info(
+            "%d normal and %d anomalous samples of the pool that the fractions cut are in no "
+            "split (train_frac=%s, val_frac=%s, test_frac=%s, anomaly_val_frac=%s, "
+            "anomaly_test_frac=%s)",
+            unused_norm, unused_anom, train_frac, val_frac, test_frac, anomaly_val_frac,
+            anomaly_test_frac,
+        )  # fmt: skip
     for name, norm, anom in (("val", val_norm, val_anom), ("test", test_norm, test_anom)):
         shipped = rng.permutation(np.flatnonzero(source == name))
         norm = np.concatenate([norm, shipped[~flags[shipped]]])

@@ -67,6 +67,13 @@ class TabularDataModule(NoveltyDataModule):
         fill_value: the value ``fill`` writes.
         window: rows per sample for time-ordered data; default, one row is one sample.
         stride: rows between the starts of consecutive windows.
+        train_frac: share of the normal rows of ``path`` or ``train_path`` that train;
+            default, 0.6 of one file, and all of a ``train_path`` that is not cut for
+            a missing ``val_path`` or ``test_path`` (then 0.8).
+        val_frac: share that validates; default 0.2, or 0 when ``val_path`` is given.
+        test_frac: share that tests; default, the rest (0 when ``test_path`` is given).
+        anomaly_val_frac: share of the anomalies of ``path`` or ``train_path`` that
+            validate; default 0.5, or 1 when ``test_path`` is given (the rest test).
         **kwargs: the split and loader arguments of
             :class:`~rae_lightning.data.base.NoveltyDataModule`; ``protocol`` defaults to
             ``binary`` with anomaly label ``1``, as in ADBench and ODDS files.
@@ -86,10 +93,10 @@ class TabularDataModule(NoveltyDataModule):
         stride: int = 1,
         protocol: str = "binary",
         classes: Sequence[int | str] | None = (1,),
-        train_frac: float = 0.6,
-        val_frac: float = 0.2,
+        train_frac: float | None = None,
+        val_frac: float | None = None,
         test_frac: float | None = None,
-        anomaly_val_frac: float = 0.5,
+        anomaly_val_frac: float | None = None,
         anomaly_ratio: float | None = None,
         standardize: bool = True,
         seed: int = 0,
@@ -306,6 +313,25 @@ class TabularDataModule(NoveltyDataModule):
 
     # -- the NoveltyDataModule hooks -----------------------------------------------------
 
+    def split_kwargs(self) -> dict:
+        """The split arguments, with the fraction defaults that fit the files given: rows
+        of a train file go to the splits that no file of their own provides."""
+        kwargs = super().split_kwargs()
+        hp = self.hparams
+        own_val, own_test = hp.val_path is not None, hp.test_path is not None
+        if hp.path is not None or not (own_val or own_test):
+            defaults = {"train_frac": 0.6, "val_frac": 0.2, "anomaly_val_frac": 0.5}
+        else:
+            defaults = {
+                "train_frac": 1.0 if own_val and own_test else 0.8,
+                "val_frac": 0.0 if own_val else 0.2,
+                "anomaly_val_frac": 1.0 if own_test else 0.5,
+            }
+        for name, value in defaults.items():
+            if kwargs[name] is None:
+                kwargs[name] = value
+        return kwargs
+
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """Samples ``(n, input_dim)`` of every file and their anomaly flags ``(n,)``."""
         tables = [self._read(path, role) for role, path in self.files.items()]
@@ -323,7 +349,10 @@ class TabularDataModule(NoveltyDataModule):
             [np.full(len(p[0]), t.role) for t, p in zip(tables, parts, strict=True)]
         )
         hp = self.hparams
-        random_cut = hp.val_frac > 0 or (hp.test_frac or 0) > 0 or "test" not in self.files
+        fracs = self.split_kwargs()
+        random_cut = (
+            fracs["val_frac"] > 0 or (fracs["test_frac"] or 0) > 0 or "test" not in self.files
+        )
         if hp.window is not None and hp.stride < hp.window and random_cut:
             log.warning(
                 "windows overlap (stride=%d < window=%d) and part of the data is split at "
@@ -341,7 +370,13 @@ class TabularDataModule(NoveltyDataModule):
         try:
             return novelty_split(labels, **kwargs, source=self._source, labelled=self._labelled)
         except ValueError as err:
-            raise ValueError(f"{files}: {err}") from None
+            # the rows' flags are split as binary labels: name the user's protocol instead
+            hp = self.hparams
+            message = str(err).replace(
+                "under protocol 'binary' with classes [1]",
+                f"under protocol {hp.protocol!r} with classes {hp.classes}",
+            )
+            raise ValueError(f"{files}: {message}") from None
 
     def describe_classes(self) -> str:
         hp = self.hparams
