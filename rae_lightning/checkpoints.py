@@ -38,17 +38,35 @@ def run_folders(root: str | Path) -> list[Path]:
 def find_best_checkpoint(root: str | Path) -> Path | None:
     """The best checkpoint of the newest run under a logger root such as ``lightning_logs``.
 
-    Runs are the ``version_N`` folders; the newest with a best checkpoint (one whose file
-    name carries the monitored AUROC) wins, and within it the highest AUROC.
+    Runs are the ``version_N`` folders; the newest that holds any checkpoint is the run.
+    Within it, the file whose name carries the highest monitored AUROC wins; a single
+    other checkpoint besides ``last.ckpt`` (one named ``auroc=nan`` because validation had
+    no labels, or a custom ``checkpoint.filename``) is taken as it is. An older run is
+    never taken in place of the newest.
+
+    Raises:
+        CheckpointError: the newest run has no best checkpoint, or several with no AUROC
+            in their names, so which one is best cannot be told from the folder.
     """
     for version in run_folders(root):
+        ckpts = sorted((version / "checkpoints").glob("*.ckpt"))
+        if not ckpts:
+            continue
+        candidates = [c for c in ckpts if c.name != "last.ckpt"]
         scored = []
-        for ckpt in (version / "checkpoints").glob("*.ckpt"):
+        for ckpt in candidates:
             match = _AUROC_IN_NAME.search(ckpt.name)
             if match:
                 scored.append((float(match.group(1)), ckpt.stat().st_mtime, ckpt))
         if scored:
             return max(scored)[2]
+        if len(candidates) == 1:
+            return candidates[0]
+        names = [c.name for c in ckpts]
+        raise CheckpointError(
+            f"the newest run {version} holds no checkpoint that can be told to be the best "
+            f"({names}); pass --ckpt_path"
+        )
     return None
 
 

@@ -139,8 +139,22 @@ class RAECLI(LightningCLI):
         ckpt = read_checkpoint(path)
         check_fits(ckpt, path, self.model)
 
+    def _check_data(self) -> None:
+        """Prepare, load and split the data before the Trainer starts, so that bad data
+        ends the command before the logger creates a run folder (the Trainer creates it
+        before it calls ``setup``). ``setup`` keeps what it loaded, so the Trainer's own
+        call costs nothing. Processes that DDP starts later (``LOCAL_RANK`` > 0) only load:
+        the first has prepared (downloaded) the data before it launched them."""
+        datamodule = self.datamodule
+        if datamodule is None:
+            return
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            datamodule.prepare_data()
+        datamodule.setup(self.subcommand)
+
     def _resolve_ckpt_path(self) -> None:
         """Find, read and check the checkpoint that validate, test or predict evaluate."""
+        self._check_data()
         config = self.config_init[self.subcommand]
         if config.get("weights_only") is None:
             config["weights_only"] = True
@@ -162,6 +176,7 @@ class RAECLI(LightningCLI):
     def before_fit(self) -> None:
         """Resume: ``--ckpt_path last`` means the newest run's ``last.ckpt``; a resumed run
         goes on logging and checkpointing in the run folder it came from."""
+        self._check_data()
         config = self.config_init["fit"]
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:

@@ -151,8 +151,9 @@ def quantile_threshold(normal_scores: Tensor, q: float) -> Tensor:
 def f1_optimal_threshold(scores: Tensor, labels: Tensor) -> Tensor:
     """The threshold ``t`` maximising F1 of the decisions ``score > t``: a scalar tensor.
 
-    Candidates lie halfway between consecutive distinct scores (and just below the
-    lowest), so every achievable split of the sorted scores is tried once.
+    Candidates are the scores themselves: ``t`` equal to the highest score left unflagged
+    flags exactly the scores above it (and a value below the lowest flags all), so every
+    achievable split of the sorted scores is tried once, exactly in the scores' dtype.
 
     Args:
         scores: ``(n,)`` anomaly scores, higher is more anomalous.
@@ -166,7 +167,7 @@ def f1_optimal_threshold(scores: Tensor, labels: Tensor) -> Tensor:
     positives = (labels == 1).sum().double()
     if positives == 0:
         raise ValueError("labels hold no anomaly; an F1-optimal threshold needs some")
-    values, order = torch.sort(scores.double(), descending=True)
+    values, order = torch.sort(scores, descending=True)
     hits = (labels[order] == 1).double()
 
     # cutting after position k flags the k + 1 highest scores; cut only between distinct values
@@ -174,7 +175,7 @@ def f1_optimal_threshold(scores: Tensor, labels: Tensor) -> Tensor:
     n_flagged = torch.arange(1, len(values) + 1, dtype=torch.float64, device=values.device)
     f1 = 2 * tp / (n_flagged + positives)
     lowest = values[-1:] - 1.0 - values[-1:].abs()
-    cut = torch.cat([0.5 * (values[:-1] + values[1:]), lowest])
+    cut = torch.cat([values[1:], lowest])
     valid = torch.cat([values[:-1] > values[1:], torch.ones_like(lowest, dtype=torch.bool)])
     f1 = torch.where(valid, f1, -1.0)
     return cut[torch.argmax(f1)].to(scores.dtype)

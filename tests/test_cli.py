@@ -10,6 +10,7 @@ import pytest
 from helpers import GradNormRecorder, read_scalars
 
 from rae_lightning import AnomalyDetector, NoveltyDataModule
+from rae_lightning.checkpoints import CheckpointError
 from rae_lightning.cli import RAECLI, find_best_checkpoint, main
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
@@ -47,7 +48,10 @@ def test_every_config_parses_and_instantiates(config: Path, tmp_path: Path) -> N
 
 
 def test_g_norm_in_tensorboard_equals_the_pre_clip_norm(tmp_path: Path) -> None:
-    args = ["--config", str(DIGITS_RAE), *_quick(tmp_path, "--trainer.log_every_n_steps=4")]
+    # a clip value below every step's norm, so pre-clip and post-clip norms differ
+    clip = 0.05
+    extra = ("--trainer.log_every_n_steps=4", f"--trainer.gradient_clip_val={clip}")
+    args = ["--config", str(DIGITS_RAE), *_quick(tmp_path, *extra)]
     cli = RAECLI(args=args, run=False)
     recorder = GradNormRecorder()
     cli.trainer.callbacks.append(recorder)
@@ -58,8 +62,31 @@ def test_g_norm_in_tensorboard_equals_the_pre_clip_norm(tmp_path: Path) -> None:
     assert sorted(logged) == list(range(6))
     for step, value in logged.items():
         assert value == pytest.approx(recorder.pre_clip[step], rel=1e-5)
+        assert value > 2 * clip
+        assert recorder.post_clip[step] == pytest.approx(clip, rel=1e-4)
     assert read_scalars(cli.trainer.logger.log_dir, "val/auroc")
     assert (Path(cli.trainer.logger.log_dir) / "config.yaml").is_file()
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_best_checkpoint_comes_from_the_newest_run_even_without_an_auroc(tmp_path: Path):
+    root = tmp_path / "lightning_logs"
+    _touch(root / "version_0/checkpoints/epoch003-auroc0.9000.ckpt")
+    nan = _touch(root / "version_1/checkpoints/epoch000-aurocnan.ckpt")
+    _touch(root / "version_1/checkpoints/last.ckpt")
+    assert find_best_checkpoint(root) == nan
+
+    _touch(root / "version_2/checkpoints/last.ckpt")
+    with pytest.raises(CheckpointError, match="version_2 holds no checkpoint that can be told"):
+        find_best_checkpoint(root)
+    best = _touch(root / "version_2/checkpoints/epoch001-auroc0.5000.ckpt")
+    _touch(root / "version_2/checkpoints/epoch000-aurocnan.ckpt")
+    assert find_best_checkpoint(root) == best
 
 
 def test_fit_then_test_takes_the_newest_best_checkpoint(tmp_path: Path, caplog) -> None:

@@ -242,3 +242,60 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, ca
     assert all(
         torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point()
     )
+
+
+TABULAR = ROOT / "configs" / "tabular_rae.yaml"
+
+
+def _table(path: Path, bad_cell: str | None = None, label: str = "failure") -> Path:
+    rows = [f"temperature,pressure,vibration,current,{label}"]
+    rows += [f"{20 + i % 7},{1 + i % 3},{i % 5},{i % 4},{int(i % 10 == 9)}" for i in range(60)]
+    if bad_cell is not None:
+        rows[4] = rows[4].replace(rows[4].split(",")[1], bad_cell, 1)
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing file", r"nothere.csv: file not found (train file)"),
+        (
+            "non-numeric",
+            r"t.csv: column 'pressure': non-numeric value 'ERR' in row 3 (line 5 of the file)",
+        ),
+        ("inf", r"t.csv: column 'pressure': infinite value in row 3 (line 5 of the file)"),
+        ("missing label column", r"t.csv: label column 'failure' not found"),
+        ("absent class", r"t.csv: label column 'failure': classes [42] are absent"),
+    ],
+)
+def test_bad_data_ends_rae_with_one_line_before_a_run_folder(tmp_path, capsys, case, message):
+    csv = tmp_path / "t.csv"
+    extra = []
+    if case == "missing file":
+        csv = tmp_path / "nothere.csv"
+    elif case == "non-numeric":
+        _table(csv, "ERR")
+    elif case == "inf":
+        _table(csv, "inf")
+    elif case == "missing label column":
+        _table(csv, label="status")
+    else:
+        _table(csv)
+        extra = ["--data.init_args.protocol=one_vs_rest", "--data.init_args.classes=[42]"]
+    args = ["fit", "--config", str(TABULAR), f"--data.init_args.path={csv}", *extra]
+
+    line = _fails([*args, f"--trainer.default_root_dir={tmp_path}"], capsys)
+
+    assert message in line
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_bad_data_at_test_time_writes_no_run_folder(tmp_path, capsys) -> None:
+    csv = _table(tmp_path / "t.csv", "ERR")
+    args = ["test", "--config", str(TABULAR), f"--data.init_args.path={csv}"]
+
+    line = _fails([*args, f"--trainer.default_root_dir={tmp_path}"], capsys)
+
+    assert "column 'pressure': non-numeric value 'ERR'" in line
+    assert not (tmp_path / "lightning_logs").exists()

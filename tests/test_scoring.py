@@ -148,3 +148,15 @@ def test_f1_optimal_threshold_beats_every_cut() -> None:
     assert f1_score(labels, scores > threshold) == pytest.approx(best)
     with pytest.raises(ValueError, match="no anomaly"):
         f1_optimal_threshold(torch.as_tensor(scores), torch.zeros(200, dtype=torch.long))
+
+
+def test_f1_optimal_threshold_separates_adjacent_float32_scores() -> None:
+    one = np.float32(1.0)
+    above = np.nextafter(one, np.float32(2.0))
+    scores = torch.tensor([0.5, above, np.nextafter(above, np.float32(2.0)), 3.0])
+    labels = torch.tensor([0, 0, 1, 1])
+
+    threshold = f1_optimal_threshold(scores, labels)
+
+    assert threshold.dtype == torch.float32
+    assert (scores > threshold).long().tolist() == [0, 0, 1, 1]

@@ -392,6 +392,13 @@ class TabularDataModule(NoveltyDataModule):
 # -- helpers that name the file, the column and the problem ------------------------------
 
 
+def _where(row: int, path: Path) -> str:
+    """A row, counted from 0 over the data rows, and for a CSV its line in the file."""
+    if path.suffix.lower() == ".csv":
+        return f"row {row} (line {row + 2} of the file)"
+    return f"row {row}"
+
+
 def _check_exists(path: Path, role: str) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found ({role} file)")
@@ -420,7 +427,7 @@ def _clean_labels(column: pd.Series, path: Path, name: str) -> np.ndarray:
         row = int(np.flatnonzero(missing)[0])
         raise ValueError(
             f"{path}: label column {name!r}: {int(missing.sum())} missing labels, first in "
-            f"row {row}"
+            f"{_where(row, path)}"
         )
     values = column.to_numpy()
     if np.issubdtype(values.dtype, np.number) or values.dtype == bool:
@@ -440,8 +447,8 @@ def _check_numeric(raw: pd.DataFrame, values: pd.DataFrame, path: Path, policy: 
     column = text.any(axis=0).idxmax()
     row = int(np.flatnonzero(text[column].to_numpy())[0])
     raise ValueError(
-        f"{path}: column {column!r}: non-numeric value {raw[column].iloc[row]!r} in row "
-        f"{row}; list feature_columns without it or set nan_policy: drop or fill"
+        f"{path}: column {column!r}: non-numeric value {raw[column].iloc[row]!r} in "
+        f"{_where(row, path)}; list feature_columns without it or set nan_policy: drop or fill"
     )
 
 
@@ -451,6 +458,6 @@ def _raise_first_bad(features: np.ndarray, names: list[str], path: Path) -> None
     row = int(np.flatnonzero(bad[:, col])[0])
     kind = "NaN (missing)" if np.isnan(features[row, col]) else "infinite"
     raise ValueError(
-        f"{path}: column {names[col]!r}: {kind} value in row {row} ({int(bad.sum())} bad "
-        "values in all); set nan_policy: drop or fill"
+        f"{path}: column {names[col]!r}: {kind} value in {_where(row, path)} "
+        f"({int(bad.sum())} bad values in all); set nan_policy: drop or fill"
     )
