@@ -6,11 +6,14 @@ plain containers only, so a file from an untrusted source cannot run code while 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 _AUROC_IN_NAME = re.compile(r"-auroc(\d+\.\d+)")
@@ -159,3 +162,53 @@ def check_fits(ckpt: dict[str, Any], path: str | Path, model: nn.Module) -> None
                 f"ckpt_path {str(path)!r} has {name} of shape {tuple(tensor.shape)}, "
                 f"but the model has {tuple(state[name].shape)}"
             )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each local checkpoint to a temporary file in the same folder, flushes it to
+    disk and renames it over the target, so a process killed at any moment leaves either
+    the previous file or the new one, never a truncated one.
+
+    Lightning's own save writes the temporary file in the system's temp folder and moves it
+    into place, which is a copy, not an atomic rename, when that folder lies on another
+    file system than the logs. Remote paths (``s3://`` and the like) keep Lightning's save.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        """Save ``checkpoint`` to ``path`` (see the class docstring)."""
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        _sync_folder(target.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    # the rename itself reaches the disk only when the folder's entry is flushed
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def use_atomic_saves(trainer: Any) -> None:
+    """Give the Trainer's strategy :class:`AtomicCheckpointIO` unless another CheckpointIO
+    than Lightning's default was chosen (a plugin of the user's, or a distributed one)."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()

@@ -9,13 +9,15 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rae_lightning.checkpoints import (
+    ARCHITECTURE_KEYS,
     CheckpointError,
     check_fits,
     check_kind,
@@ -23,6 +25,7 @@ from rae_lightning.checkpoints import (
     find_last_checkpoint,
     read_checkpoint,
     run_version,
+    use_atomic_saves,
 )
 from rae_lightning.data.base import NoveltyDataModule
 from rae_lightning.models import AnomalyDetector, NonFiniteError
@@ -92,7 +95,7 @@ class RAECLI(LightningCLI):
         )
         # Lightning's save_last only follows the saves of the best checkpoint; a resume
         # needs the newest state, so a second callback writes last.ckpt after every
-        # validation (atomically: a kill leaves the previous file whole)
+        # validation (atomically, see AtomicCheckpointIO: a kill leaves the previous file whole)
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
@@ -122,6 +125,23 @@ class RAECLI(LightningCLI):
         if model is not None and model.get("class_path"):
             init_args = model.get("init_args") or {}
             check_kind(ckpt, ckpt_path, model.class_path, init_args.get("residual"))
+            saved = ckpt.get("hyper_parameters") or {}
+            replaced = [
+                f"{key}={saved[key]} (the config says {init_args[key]})"
+                for key in ARCHITECTURE_KEYS
+                if key in saved and init_args.get(key) is not None and saved[key] != init_args[key]
+            ]
+            if replaced:
+                rank_zero_warn(
+                    f"the network is built as ckpt_path {ckpt_path!r} was trained: "
+                    + ", ".join(replaced)
+                )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer of the config, saving checkpoints atomically in their own folder."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_saves(trainer)
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config

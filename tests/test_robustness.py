@@ -85,7 +85,9 @@ def test_mistyped_key_in_a_config_file(tmp_path, capsys) -> None:
 def test_missing_checkpoint(tmp_path, capsys) -> None:
     missing = tmp_path / "nothing.ckpt"
 
-    line = _fails(["test", "--config", str(DIGITS_RAE), f"--ckpt_path={missing}"], capsys)
+    args = ["test", "--config", str(DIGITS_RAE), f"--trainer.default_root_dir={tmp_path}"]
+    line = _fails([*args, f"--ckpt_path={missing}"], capsys)
+    assert not (tmp_path / "lightning_logs").exists()
 
     assert f"ckpt_path '{missing}' does not exist" in line
 
@@ -94,7 +96,9 @@ def test_file_that_is_not_a_checkpoint(tmp_path, capsys) -> None:
     fake = tmp_path / "fake.ckpt"
     fake.write_text("not a checkpoint\n")
 
-    line = _fails(["test", "--config", str(DIGITS_RAE), f"--ckpt_path={fake}"], capsys)
+    args = ["test", "--config", str(DIGITS_RAE), f"--trainer.default_root_dir={tmp_path}"]
+    line = _fails([*args, f"--ckpt_path={fake}"], capsys)
+    assert not (tmp_path / "lightning_logs").exists()
 
     assert f"ckpt_path '{fake}' is not a checkpoint that loads with weights_only=True" in line
 
@@ -104,7 +108,9 @@ def test_a_pickle_with_code_is_refused(tmp_path, capsys) -> None:
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": os.system}, evil)
 
-    line = _fails(["test", "--config", str(DIGITS_RAE), f"--ckpt_path={evil}"], capsys)
+    args = ["test", "--config", str(DIGITS_RAE), f"--trainer.default_root_dir={tmp_path}"]
+    line = _fails([*args, f"--ckpt_path={evil}"], capsys)
+    assert not (tmp_path / "lightning_logs").exists()
 
     assert "is not a checkpoint that loads with weights_only=True" in line
 
@@ -113,12 +119,26 @@ def test_a_pickle_with_code_is_refused(tmp_path, capsys) -> None:
     ("config", "kind"),
     [(DIGITS_AE, "AutoEncoder(residual=False)"), (DIGITS_VAE, "VariationalAutoEncoder")],
 )
-def test_checkpoint_of_another_model_kind(trained, tmp_path, capsys, config, kind) -> None:
-    args = ["test", "--config", str(config), f"--ckpt_path={trained}", *_quick(tmp_path)]
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_checkpoint_of_another_model_kind(
+    trained, tmp_path, capsys, config, kind, subcommand
+) -> None:
+    args = [subcommand, "--config", str(config), f"--ckpt_path={trained}", *_quick(tmp_path)]
 
     line = _fails(args, capsys)
 
     assert "holds a AutoEncoder(residual=True), but the config names a " + kind in line
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_checkpoint_architecture_replaces_the_config_with_a_warning(trained, tmp_path) -> None:
+    # SMALL in _quick trained 4 layers of width 32; the config asks for 8 of 128
+    args = ["test", "--config", str(DIGITS_RAE), f"--ckpt_path={trained}"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+
+    with pytest.warns(UserWarning, match=r"built as ckpt_path .* was trained: hidden_dim=32 "
+                      r"\(the config says 128\), n_layers=4 \(the config says 8\)"):  # fmt: skip
+        main(args)
 
 
 def test_checkpoint_of_another_input_size(trained, tmp_path, capsys) -> None:
@@ -161,7 +181,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, signal, config) -> None
         *kill,
         f"--trainer.callbacks.signal={signal}",
     )
-    assert killed.returncode != 0
+    assert killed.returncode == (143 if signal == "SIGTERM" else -9), killed.stderr[-2000:]
+    if signal == "SIGTERM":
+        assert "rae: stopped by SIGTERM; checkpoints are intact" in killed.stderr
     assert _final_state(broken)["global_step"] == 12  # the end of the second epoch
     resumed = _rae(*args, f"--trainer.default_root_dir={broken}", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -299,3 +321,30 @@ def test_bad_data_at_test_time_writes_no_run_folder(tmp_path, capsys) -> None:
 
     assert "column 'pressure': non-numeric value 'ERR'" in line
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_save_cut_off_halfway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    from rae_lightning.checkpoints import AtomicCheckpointIO
+    from rae_lightning.cli import RAECLI
+
+    cli = RAECLI(args=["--config", str(DIGITS_RAE), *_quick(tmp_path)], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    io = cli.trainer.strategy.checkpoint_io
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, last)
+
+    real_save = torch.save
+
+    def killed_while_writing(obj, handle, *args, **kwargs):
+        real_save(obj, handle, *args, **kwargs)
+        handle.truncate(handle.tell() // 2)  # half the bytes reached the file ...
+        raise KeyboardInterrupt  # ... when the process was stopped
+
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, last)
+    monkeypatch.undo()
+
+    kept = torch.load(last, weights_only=True)
+    torch.testing.assert_close(kept["state_dict"]["w"], torch.ones(3))
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
