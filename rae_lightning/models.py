@@ -206,18 +206,32 @@ class AnomalyDetector(L.LightningModule):
         self.net.train(was_training)
         return [f.shape[1] for f in feats]
 
-    def score_batch(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """Every score type of ``x`` ``(batch, input_dim)`` and the reconstruction.
+    def score_batch(
+        self, x: Tensor, types: Iterable[str] | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Score types of ``x`` ``(batch, input_dim)`` and the reconstruction.
 
         The one scoring method of validation, test and predict. Returns the per-sample
-        terms (``loss`` and each of :attr:`score_types`, ``(batch,)``) and ``x_hat``
-        ``(batch, input_dim)``. Call it in eval mode, where BatchNorm uses its running
+        terms (``loss``, the terms of :meth:`forward_pass` and each requested score type,
+        ``(batch,)``) and ``x_hat`` ``(batch, input_dim)``. ``types`` defaults to every one
+        of :attr:`score_types`; without ``sap`` and ``nap`` the encoder runs only on ``x``,
+        about half the work. Call it in eval mode, where BatchNorm uses its running
         statistics and the VAE its posterior mean, so a sample's scores do not depend on
         the rest of its batch. ``nap`` is 0 until :meth:`fit_nap_statistics` has run.
         """
+        wanted = set(self.score_types if types is None else types)
+        unknown = wanted - set(self.score_types)
+        if unknown:
+            raise ValueError(
+                f"types must be among {list(self.score_types)}, got {sorted(unknown)}"
+            )
+        if not wanted & {"sap", "nap"}:
+            return self.forward_pass(x)
         terms, x_hat, diffs = self._forward_and_pathway(x)
-        terms["sap"] = sap_score(diffs)
-        terms["nap"] = self.nap.score(diffs)
+        if "sap" in wanted:
+            terms["sap"] = sap_score(diffs)
+        if "nap" in wanted:
+            terms["nap"] = self.nap.score(diffs)
         return terms, x_hat
 
     def forward(self, x: Tensor) -> Tensor:
@@ -226,7 +240,7 @@ class AnomalyDetector(L.LightningModule):
             raise RuntimeError(
                 "score='nap' needs NAP statistics: call fit_nap_statistics() or run validation"
             )
-        return self.score_batch(x)[0][self.hparams.score]
+        return self.score_batch(x, [self.hparams.score])[0][self.hparams.score]
 
     def decide(self, score: Tensor) -> Tensor:
         """Decisions ``(batch,)`` at the saved threshold: 1 when ``score`` is above it, else 0;
@@ -393,11 +407,13 @@ class AnomalyDetector(L.LightningModule):
                 self.log(f"test/{name}", metric)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Per-sample ``(batch,)`` tensors: every score type, the configured ``score``, the
-        ``decision`` (see :meth:`decide`) and, when the batch carries one, the ``label``."""
-        terms, _ = self.score_batch(batch[0])
-        out = {name: terms[name] for name in self.score_types}
-        out["score"] = terms[self.hparams.score]
+        """Per-sample ``(batch,)`` tensors: the configured ``score``, the ``decision`` (see
+        :meth:`decide`) and, when the batch carries one, the ``label``.
+
+        Only the configured score is computed (with ``recon`` the encoder runs once); call
+        :meth:`score_batch` for every score type.
+        """
+        out = {"score": self.forward(batch[0])}
         out["decision"] = self.decide(out["score"])
         if len(batch) > 1:
             out["label"] = batch[1]

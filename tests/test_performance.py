@@ -105,6 +105,28 @@ def test_scores_match_a_separate_encoder_pass_over_x(cls) -> None:
     torch.testing.assert_close(terms["sap"], sap_score(diffs))
 
 
+@pytest.mark.parametrize("cls", [AutoEncoder, VariationalAutoEncoder])
+def test_a_score_alone_costs_only_its_own_passes_and_keeps_its_value(cls) -> None:
+    torch.manual_seed(0)
+    model = cls(**SMALL).eval()
+    model.fit_nap_statistics([(torch.randn(64, 64),)])
+    x = torch.randn(16, 64)
+    passes = []
+    # the head ends every encoder pass, through forward() and through features() alike
+    model.net.encoder.head.register_forward_hook(lambda *_: passes.append(1))
+
+    with torch.no_grad():
+        every, _ = model.score_batch(x)
+        assert len(passes) == 2
+        for name in model.score_types:
+            passes.clear()
+            alone, _ = model.score_batch(x, [name])
+            torch.testing.assert_close(alone[name], every[name])
+            assert len(passes) == (2 if name in ("sap", "nap") else 1)
+    with pytest.raises(ValueError, match=r"types must be among .*, got \['mahalanobis'\]"):
+        model.score_batch(x, ["mahalanobis"])
+
+
 def test_batches_are_cut_on_the_trainers_device() -> None:
     dm = _digits(data_on_device=True)
     dm.setup("fit")
