@@ -11,7 +11,7 @@ fit, per batch size:
   (``gradient_clip_val=1.0``), ``g_norm`` logged, a TensorBoard logger with the default
   ``log_every_n_steps``; with the progress bar (``rae-bar``, the default, redrawn every
   10 steps as ``rae`` sets it) and without (``rae-nobar``). Validation and checkpointing
-  are off: only training steps are timed.
+  are off, as the hand loop has none: only training steps are timed.
 - ``hand``: the same plain :class:`~rae_lightning.networks.AutoEncoderNet`, batches cut
   from a random permutation of the tensor, Adam, ``clip_grad_norm_`` each step, whose
   return value (the pre-clip norm, that is ``g_norm``) is kept on the device.
@@ -21,11 +21,11 @@ Each arm trains one epoch from a freshly seeded model; the clock runs from batch
 6 x (weights of every Linear) FLOPs per sample for forward and backward, against the rate
 of a large float32 ``torch.mm`` measured in the same process with the same threads.
 
-score: ``Trainer.predict`` of the same module with ``rae predict``'s CSV writer
-(``rae-predict``) against a hand-written loop under ``torch.inference_mode`` that computes
-the same scores (``recon``, ``sap``, ``nap``, decision) from the plain network and writes
-the same CSV with NumPy (``hand-score``); ``hand-recon`` (the reconstruction error alone)
-is shown for scale.
+score: ``Trainer.predict`` of the same module with ``rae predict``'s CSV writer, scoring
+by the reconstruction error (``rae-predict-recon``) and by NAP (``rae-predict-nap``),
+against a plain batched forward of the network under ``torch.inference_mode`` that
+computes the same score and decision and writes the same CSV with NumPy (``hand-recon``,
+``hand-nap``).
 
 Peak memory: each arm once more in a fresh subprocess, its peak resident set size
 (``ru_maxrss``); on a GPU, ``torch.cuda.max_memory_allocated`` as well.
@@ -60,7 +60,7 @@ from rae_lightning import AutoEncoder, NoveltyDataModule
 from rae_lightning.cli import PROGRESS_BAR_STEPS
 from rae_lightning.networks import AutoEncoderNet
 from rae_lightning.prediction import PredictionWriter
-from rae_lightning.scoring import pathway_differences, sap_score
+from rae_lightning.scoring import pathway_differences
 
 log = logging.getLogger("bench_fit")
 CLIP = 1.0
@@ -99,31 +99,41 @@ class InMemoryDataModule(NoveltyDataModule):
 
 
 class EpochClock(L.Callback):
-    """Time from the start of batch ``skip`` to the end of the epoch (fit or predict)."""
+    """Time from the start of batch ``skip`` to the end of the run (fit or predict).
 
-    def __init__(self, skip: int) -> None:
+    The clock stops in ``on_train_end`` / ``on_predict_end``, after every epoch-end hook:
+    the module's last ``g_norm`` flush and the CSV that ``rae predict`` writes count, as
+    the hand loop's final norm sync and CSV do. On a GPU it waits for the device first.
+    """
+
+    def __init__(self, skip: int, device: torch.device) -> None:
         self.skip = skip
+        self.device = device
         self.start = self.stop = 0.0
         self.samples = 0
 
     def _batch_start(self, batch: Any, batch_idx: int) -> None:
         if batch_idx == self.skip:
+            sync(self.device)
             self.start = time.perf_counter()
         if batch_idx >= self.skip:
             self.samples += len(batch[0])
 
+    def _stop(self) -> None:
+        sync(self.device)
+        self.stop = time.perf_counter()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_start(batch, batch_idx)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.stop = time.perf_counter()
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop()
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._batch_start(batch, batch_idx)
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        # after the epoch-end hooks, so the CSV that rae predict writes is included
-        self.stop = time.perf_counter()
+        self._stop()
 
     @property
     def rate(self) -> float:
@@ -185,7 +195,7 @@ def trainer(args: argparse.Namespace, root: str, progress_bar: bool, clock: Epoc
 def fit_rae(args: argparse.Namespace, dm: InMemoryDataModule, progress_bar: bool) -> float:
     torch.manual_seed(1)
     model = AutoEncoder(**model_kwargs(args), lr=LR)
-    clock = EpochClock(args.skip)
+    clock = EpochClock(args.skip, torch.device(args.device))
     with tempfile.TemporaryDirectory() as root:
         trainer(args, root, progress_bar, clock).fit(model, datamodule=dm)
     return clock.rate
@@ -219,17 +229,18 @@ def fit_hand(args: argparse.Namespace, x: Tensor) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def trained_scorer(args: argparse.Namespace, dm: InMemoryDataModule) -> AutoEncoder:
-    """A module with NAP statistics and a threshold, as a checkpoint of ``rae fit`` has."""
+def trained_scorer(args: argparse.Namespace, dm: InMemoryDataModule, score: str) -> AutoEncoder:
+    """A module scoring by ``score``, with NAP statistics and a threshold, as a checkpoint
+    of ``rae fit`` has them."""
     torch.manual_seed(1)
-    model = AutoEncoder(**model_kwargs(args), lr=LR).to(args.device)
+    model = AutoEncoder(**model_kwargs(args), lr=LR, score=score).to(args.device)
     model.fit_nap_statistics(dm._loader("train"))
     model.threshold.fill_(1.0)
     return model.eval()
 
 
 def score_rae(args: argparse.Namespace, model: AutoEncoder, dm: InMemoryDataModule) -> float:
-    clock = EpochClock(args.skip)
+    clock = EpochClock(args.skip, torch.device(args.device))
     with tempfile.TemporaryDirectory() as root:
         writer = PredictionWriter(Path(root) / "predictions.csv")
         t = L.Trainer(
@@ -244,7 +255,10 @@ def score_rae(args: argparse.Namespace, model: AutoEncoder, dm: InMemoryDataModu
     return clock.rate
 
 
-def score_hand(args: argparse.Namespace, model: AutoEncoder, x: Tensor, recon_only: bool) -> float:
+def score_hand(args: argparse.Namespace, model: AutoEncoder, x: Tensor, score: str) -> float:
+    """A plain batched forward of the network under ``torch.inference_mode`` giving
+    ``score`` (``recon``: the reconstruction error; ``nap``: RaPP's NAP along the encoder),
+    the decision at the threshold, and the same CSV written with NumPy."""
     device = torch.device(args.device)
     net = model.net.eval()
     nap = model.nap
@@ -259,24 +273,21 @@ def score_hand(args: argparse.Namespace, model: AutoEncoder, x: Tensor, recon_on
                 sync(device)
                 start = time.perf_counter()
             xb = x[begin : begin + batch_size]
-            if recon_only:
-                score = (xb - net(xb)).pow(2).mean(dim=1)
+            if score == "recon":
+                value = (xb - net(xb)).pow(2).mean(dim=1)
             else:
                 feats_x = [xb, *net.encoder.features(xb)]
                 x_hat = net.decoder(feats_x[-1])
                 feats_hat = [x_hat, *net.encoder.features(x_hat)]
-                score = (xb - x_hat).pow(2).mean(dim=1)
-                diffs = pathway_differences(feats_x, feats_hat)
-                sap_score(diffs)
-                nap.score(diffs)
-            scores.append(score)
-            decisions.append(score > model.threshold)
+                value = nap.score(pathway_differences(feats_x, feats_hat))
+            scores.append(value)
+            decisions.append(value > model.threshold)
             if i >= args.skip:
                 samples += len(xb)
-        score = torch.cat(scores).cpu().numpy()
+        table_scores = torch.cat(scores).cpu().numpy()
         decision = torch.cat(decisions).cpu().numpy()
-        index = np.arange(len(score))
-        table = np.column_stack([index, score, decision, np.zeros_like(score)])
+        index = np.arange(len(table_scores))
+        table = np.column_stack([index, table_scores, decision, np.zeros_like(table_scores)])
         np.savetxt(Path(root) / "p.csv", table, fmt=["%d", "%.9g", "%d", "%d"], delimiter=",")
         sync(device)
         return samples / (time.perf_counter() - start)
@@ -308,10 +319,12 @@ def memory_child(args: argparse.Namespace) -> None:
         fit_rae(args, dm, progress_bar=False)
     elif arm == "hand":
         fit_hand(args, x)
-    elif arm == "rae-predict":
-        score_rae(args, trained_scorer(args, dm), dm)
+    elif arm.startswith("rae-predict-"):
+        score = arm.rsplit("-", 1)[1]
+        score_rae(args, trained_scorer(args, dm, score), dm)
     else:
-        score_hand(args, trained_scorer(args, dm), x, recon_only=False)
+        score = arm.rsplit("-", 1)[1]
+        score_hand(args, trained_scorer(args, dm, score), x, score)
     peak = resident_mib("VmHWM") if base is not None else None
     if peak is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -420,12 +433,11 @@ def main() -> None:
     if not args.no_score:
         args.batch_size = args.batch_sizes[0]
         dm = InMemoryDataModule.over(x, batch_size=args.batch_size)
-        model = trained_scorer(args, dm)
-        arms = {
-            "rae-predict": lambda: score_rae(args, model, dm),
-            "hand-score": lambda: score_hand(args, model, x, recon_only=False),
-            "hand-recon": lambda: score_hand(args, model, x, recon_only=True),
-        }
+        models = {score: trained_scorer(args, dm, score) for score in ("recon", "nap")}
+        arms = {}
+        for score, model in models.items():
+            arms[f"rae-predict-{score}"] = lambda m=model: score_rae(args, m, dm)
+            arms[f"hand-{score}"] = lambda m=model, s=score: score_hand(args, m, x, s)
         rates = {name: [] for name in arms}
         for _ in range(args.repeats):
             for name, arm in arms.items():
@@ -434,16 +446,19 @@ def main() -> None:
         log.info("score, batch %d (samples/s; median of %d):", 4 * args.batch_size,
                  args.repeats)  # fmt: skip
         for name, rate in med.items():
-            log.info("  %-12s %9.0f   all: %s", name, rate,
+            log.info("  %-16s %9.0f   all: %s", name, rate,
                      " ".join(f"{r:.0f}" for r in rates[name]))  # fmt: skip
-        ratios = [a / b for a, b in zip(rates["rae-predict"], rates["hand-score"], strict=True)]
-        ratio = statistics.median(ratios)
-        log.info("  ratio rae-predict / hand-score: %.3f median of repeats (%s)", ratio,
-                 " ".join(f"{r:.3f}" for r in ratios))  # fmt: skip
-        results["score"] = {"rates": rates, "median": med, "ratio": ratio}
+        results["score"] = {"rates": rates, "median": med}
+        for score in models:
+            pairs = zip(rates[f"rae-predict-{score}"], rates[f"hand-{score}"], strict=True)
+            ratios = [a / b for a, b in pairs]
+            results["score"][f"ratio_{score}"] = statistics.median(ratios)
+            log.info("  ratio rae-predict-%s / hand-%s: %.3f median of repeats (%s)",
+                     score, score, statistics.median(ratios),
+                     " ".join(f"{r:.3f}" for r in ratios))  # fmt: skip
 
     if not args.no_memory:
-        for arm in ("rae", "hand", "rae-predict", "hand-score"):
+        for arm in ("rae", "hand", "rae-predict-recon", "hand-recon"):
             mem = peak_memory(args, arm, args.batch_sizes[0])
             results.setdefault("memory", {})[arm] = mem
             log.info("peak memory %-12s resident %.0f MiB (before the arm: %.0f MiB)%s",
