@@ -253,24 +253,59 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
+# plain model and its residual twin: their training-loss ratio is the degradation
+PAIRS = (("ae", "rae"), ("vae", "rvae"))
+
+
 def summary_markdown(results: pd.DataFrame) -> str:
-    """A Markdown table with one line per depth: train loss and test AUROC of each model."""
-    summary = summarize(results)
-    models = [m for m in MODELS if m in set(summary["model"])]
-    header = ["n_layers"]
-    for model in models:
-        header += [f"{model.upper()} train loss", f"{model.upper()} test AUROC"]
+    """A Markdown table with one line per depth: for each model the train loss and test
+    AUROC (mean ± standard deviation over seeds) and the largest pre-clip ``g_norm`` of any
+    seed; for a plain model beside its residual twin, their train-loss ratio of the means
+    and of the medians (the median is robust to one diverged seed)."""
+    grouped = results.groupby(["model", "n_layers"])
+    mean, std = grouped.mean(numeric_only=True), grouped.std(numeric_only=True)
+    median, largest = grouped.median(numeric_only=True), grouped.max(numeric_only=True)
+    present = set(results["model"])
+    models = [m for m in MODELS if m in present]
+    pairs = [(a, b) for a, b in PAIRS if a in present and b in present]
+    header = ["n_layers"] + [f"{m.upper()} train loss" for m in models]
+    for a, b in pairs:
+        header += [f"{a.upper()} / {b.upper()} (mean)", f"{a.upper()} / {b.upper()} (median)"]
+    header += [f"{m.upper()} test AUROC" for m in models]
+    header += [f"{m.upper()} largest g_norm" for m in models]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for n_layers, block in summary.groupby("n_layers"):
+
+    def cell(model: str, n_layers: int, text: Any) -> str:
+        return text(model, n_layers) if (model, n_layers) in mean.index else ""
+
+    for n_layers in sorted(results["n_layers"].unique()):
         cells = [str(n_layers)]
-        for model in models:
-            row = block[block["model"] == model]
-            if row.empty:
-                cells += ["", ""]
-                continue
-            row = row.iloc[0]
-            cells.append(f"{row.train_loss_mean:.4f} ± {row.train_loss_std:.4f}")
-            cells.append(f"{row.test_auroc_mean:.3f} ± {row.test_auroc_std:.3f}")
+        cells += [
+            cell(
+                m,
+                n_layers,
+                lambda m, n: f"{mean.train_loss[m, n]:.4f} ± {std.train_loss[m, n]:.4f}",
+            )
+            for m in models
+        ]
+        for a, b in pairs:
+            for stat in (mean, median):
+                both = (a, n_layers) in stat.index and (b, n_layers) in stat.index
+                ratio = (
+                    stat.train_loss[a, n_layers] / stat.train_loss[b, n_layers] if both else None
+                )
+                cells.append(f"{ratio:.1f}" if ratio is not None else "")
+        cells += [
+            cell(
+                m,
+                n_layers,
+                lambda m, n: f"{mean.test_auroc[m, n]:.3f} ± {std.test_auroc[m, n]:.3f}",
+            )
+            for m in models
+        ]
+        cells += [
+            cell(m, n_layers, lambda m, n: f"{largest.g_norm_max[m, n]:.3g}") for m in models
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

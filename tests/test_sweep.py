@@ -124,11 +124,17 @@ def test_g_norm_stats_and_summary() -> None:
         for n in (2, 8)
         for s in (0, 2)
     ]
+    rows[0]["g_norm_max"] = 7.0  # ae, 2 layers, seed 0
+    rows[1]["train_loss"] = 1.6  # ae, 2 layers, seed 2: mean 1.0, median 1.0
+    rows[4]["train_loss"] = 0.3  # rae, 2 layers, seed 0: mean 0.2, median 0.2
     text = summary_markdown(pd.DataFrame(rows))
     assert text.splitlines()[0] == (
-        "| n_layers | AE train loss | AE test AUROC | RAE train loss | RAE test AUROC |"
+        "| n_layers | AE train loss | RAE train loss | AE / RAE (mean) | AE / RAE (median) "
+        "| AE test AUROC | RAE test AUROC | AE largest g_norm | RAE largest g_norm |"
     )
-    assert "| 8 | 0.4000 ± 0.0000 | 0.810 ± 0.014 | 0.1000 ± 0.0000 | 0.810 ± 0.014 |" in text
+    assert "| 2 | 1.0000 ± 0.8485 | 0.2000 ± 0.1414 | 5.0 | 5.0 | 0.810 ± 0.014 |" in text
+    assert "| 8 | 0.4000 ± 0.0000 | 0.1000 ± 0.0000 | 4.0 | 4.0 | 0.810 ± 0.014 | " in text
+    assert text.splitlines()[2].endswith("| 7 | 1 |")
 
 
 def test_bad_arguments_fail_early(tmp_path) -> None:
