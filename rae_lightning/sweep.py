@@ -274,38 +274,22 @@ def summary_markdown(results: pd.DataFrame) -> str:
     header += [f"{m.upper()} test AUROC" for m in models]
     header += [f"{m.upper()} largest g_norm" for m in models]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def cell(model: str, n_layers: int, text: Any) -> str:
-        return text(model, n_layers) if (model, n_layers) in mean.index else ""
-
-    for n_layers in sorted(results["n_layers"].unique()):
-        cells = [str(n_layers)]
-        cells += [
-            cell(
-                m,
-                n_layers,
-                lambda m, n: f"{mean.train_loss[m, n]:.4f} ± {std.train_loss[m, n]:.4f}",
-            )
-            for m in models
-        ]
+    for n in sorted(results["n_layers"].unique()):
+        has = {m: (m, n) in mean.index for m in models}
+        cells = [str(n)]
+        for m in models:
+            loss = (mean.train_loss.get((m, n)), std.train_loss.get((m, n)))
+            cells.append(f"{loss[0]:.4f} ± {loss[1]:.4f}" if has[m] else "")
         for a, b in pairs:
             for stat in (mean, median):
-                both = (a, n_layers) in stat.index and (b, n_layers) in stat.index
-                ratio = (
-                    stat.train_loss[a, n_layers] / stat.train_loss[b, n_layers] if both else None
+                both = has[a] and has[b]
+                cells.append(
+                    f"{stat.train_loss[a, n] / stat.train_loss[b, n]:.1f}" if both else ""
                 )
-                cells.append(f"{ratio:.1f}" if ratio is not None else "")
-        cells += [
-            cell(
-                m,
-                n_layers,
-                lambda m, n: f"{mean.test_auroc[m, n]:.3f} ± {std.test_auroc[m, n]:.3f}",
-            )
-            for m in models
-        ]
-        cells += [
-            cell(m, n_layers, lambda m, n: f"{largest.g_norm_max[m, n]:.3g}") for m in models
-        ]
+        for m in models:
+            auroc = (mean.test_auroc.get((m, n)), std.test_auroc.get((m, n)))
+            cells.append(f"{auroc[0]:.3f} ± {auroc[1]:.3f}" if has[m] else "")
+        cells += [f"{largest.g_norm_max[m, n]:.3g}" if has[m] else "" for m in models]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -327,6 +311,45 @@ def plot_depth(results: pd.DataFrame, metric: str, ax: Any, log_y: bool = False)
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+def logged_scalars(run_dir: str | Path, tag: str) -> pd.Series:
+    """A scalar that ``rae fit`` logged in a sweep run (``run_dir/lightning_logs/version_0``),
+    indexed by step; empty when the run has no such logs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = Path(run_dir) / "lightning_logs" / "version_0"
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    if tag not in accumulator.Tags().get("scalars", []):
+        return pd.Series(dtype=float, name=tag)
+    events = accumulator.Scalars(tag)
+    return pd.Series([e.value for e in events], index=[e.step for e in events], name=tag)
+
+
+def curves_figure(results: pd.DataFrame, runs_dir: str | Path, tag: str = "train/loss") -> Any:
+    """One panel per model: ``tag`` against the training step at each depth, read from the
+    TensorBoard logs of the lowest seed's runs (``runs_dir/<run>``)."""
+    import matplotlib.pyplot as plt
+
+    models = [m for m in MODELS if m in set(results["model"])]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), sharey=True,
+                             squeeze=False)  # fmt: skip
+    seed = results["seed"].min()
+    for ax, model in zip(axes[0], models, strict=True):
+        rows = results[(results["model"] == model) & (results["seed"] == seed)]
+        for row in rows.sort_values("n_layers").itertuples():
+            curve = logged_scalars(Path(runs_dir) / row.run, tag)
+            if not curve.empty:
+                ax.plot(curve.index, curve.values, label=f"n_layers={row.n_layers}", lw=1)
+        ax.set_title(f"{model.upper()}, seed {seed}")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0][0].set_ylabel(tag)
+    fig.tight_layout()
+    return fig
 
 
 def depth_figures(results: pd.DataFrame) -> dict[str, Any]:

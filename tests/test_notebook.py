@@ -8,6 +8,7 @@ import nbformat
 import numpy as np
 import pandas as pd
 from nbclient import NotebookClient
+from torch.utils.tensorboard import SummaryWriter
 
 from rae_lightning.sweep import COLUMNS
 
@@ -38,10 +39,18 @@ def _write_tables(folder: Path) -> None:
     )
     traces.to_csv(folder / "clipping_g_norm.csv", index=False)
 
+    # the fit logs of every run, where a sweep writes them
+    for row in rows:
+        log_dir = folder / "runs" / row["run"] / "lightning_logs" / "version_0"
+        with SummaryWriter(str(log_dir)) as writer:
+            for step in range(0, 30, 10):
+                writer.add_scalar("train/loss", row["train_loss"] * (1 + 1 / (1 + step)), step)
+
 
 def test_notebook_runs_on_a_small_table(tmp_path, monkeypatch) -> None:
     _write_tables(tmp_path)
     monkeypatch.setenv("RAE_SWEEP_DIR", str(tmp_path))
+    monkeypatch.setenv("RAE_RUNS_DIR", str(tmp_path / "runs"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
 
     client = NotebookClient(
@@ -55,4 +64,5 @@ def test_notebook_runs_on_a_small_table(tmp_path, monkeypatch) -> None:
     assert "n_layers=8: AE train loss / RAE train loss = 8.00 (claim: >= 3) holds" in text
     assert "RAE mean test AUROC >= AE at every depth: True" in text
     images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) == 3
+    assert len(images) == 4
+    assert "no run logs" not in text

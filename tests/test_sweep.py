@@ -12,7 +12,14 @@ import torch
 from helpers import read_scalars
 
 from rae_lightning import AutoEncoder, DigitsDataModule
-from rae_lightning.sweep import COLUMNS, RunSpec, g_norm_stats, run_sweep, summary_markdown
+from rae_lightning.sweep import (
+    COLUMNS,
+    RunSpec,
+    g_norm_stats,
+    logged_scalars,
+    run_sweep,
+    summary_markdown,
+)
 
 DIGITS_AE = Path(__file__).parents[1] / "configs" / "digits_ae.yaml"
 QUICK = ["--", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3"]
@@ -39,6 +46,11 @@ def test_sweep_writes_the_table_and_plots_and_skips_finished_runs(tmp_path, capl
     logs = out / "runs" / "rae_L03_s0" / "lightning_logs"
     assert len(read_scalars(logs / "version_0", "g_norm")) == 3
     assert len(read_scalars(logs / "version_1", "test/auroc")) == 1
+    # the notebook reads the same logs through logged_scalars
+    g_norm = logged_scalars(out / "runs" / "rae_L03_s0", "g_norm")
+    assert g_norm.index.tolist() == [0, 1, 2]
+    assert g_norm.max() == pytest.approx(table.loc[1, "g_norm_max"], rel=1e-6)
+    assert logged_scalars(out / "runs" / "rae_L03_s0", "no/such/tag").empty
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
     with caplog.at_level("INFO", logger="rae_lightning.sweep"):
