@@ -155,6 +155,8 @@ class AnomalyDetector(L.LightningModule):
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self._picture: tuple[Tensor, Tensor] | None = None
         self._has_threshold = False
+        # the optimisation step whose weights this process last validated (None: never)
+        self._validated_step: int | None = None
 
         # g_norm of each optimisation step, kept on the device until the next flush
         self._g_norm_pending: list[tuple[int, Tensor]] = []
@@ -450,6 +452,7 @@ class AnomalyDetector(L.LightningModule):
         if scores is not None:
             self.choose_threshold(scores, labels)
         self.log("val/threshold", self.threshold)
+        self._validated_step = self.trainer.global_step
         if not self.trainer.sanity_checking:
             self._draw("val", scores, labels)
         self._picture = None
@@ -461,7 +464,16 @@ class AnomalyDetector(L.LightningModule):
         self._prepare_to_decide()
 
     def _prepare_to_decide(self) -> None:
-        if not bool(self.nap.ready):
+        stale = self._validated_step is not None and self._validated_step != self.global_step
+        if stale:
+            # trained on after its last validation (test or predict right after a fit whose
+            # last steps were not validated): the statistics must match these weights
+            rank_zero_warn(
+                f"the weights changed after the last validation (step {self._validated_step}, "
+                f"now {self.global_step}): NAP statistics are refitted, but the threshold is "
+                "the one chosen then; validate first for a threshold of these weights"
+            )
+        if stale or not bool(self.nap.ready):
             self.fit_nap_statistics()
         self._has_threshold = bool(torch.isfinite(self.threshold))
         hp = self.hparams
@@ -614,6 +626,10 @@ class AnomalyDetector(L.LightningModule):
             f"lower model.init_args.lr (now {self.hparams.lr}), turn on or tighten "
             f"trainer.gradient_clip_val (now {clip}), and check the data for NaN or inf"
         )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # loaded weights come with their own NAP statistics and threshold
+        self._validated_step = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # every step before this save is checked, so no checkpoint holds diverged weights

@@ -144,3 +144,28 @@ def test_rae_predict_agrees_with_rae_test_and_pictures_reach_tensorboard(tmp_pat
     assert "val/reconstructions" in _tags(fit_logs, "images")
     assert {"test/score_normal", "test/score_anomalous"} <= _tags(test_logs, "histograms")
     assert {"test/roc", "test/reconstructions"} <= _tags(test_logs, "images")
+
+
+def test_testing_weights_trained_past_the_last_validation_refits_nap(tmp_path) -> None:
+    L.seed_everything(0)
+    dm = DigitsDataModule(protocol="leave_one_out", classes=[1])
+    model = AutoEncoder(input_dim=64, hidden_dim=32, latent_dim=4, n_layers=4, score="nap")
+    # validation after the second epoch only: the third trains on past it
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=3, limit_train_batches=5, check_val_every_n_epoch=2
+    )
+    trainer.fit(model, dm)
+    assert model._validated_step == 10 and trainer.global_step == 15
+    validated = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("nap.")}
+
+    with pytest.warns(UserWarning, match=r"weights changed after the last validation \(step 10"):
+        trainer.test(model, dm, verbose=False)
+
+    fresh = AutoEncoder(input_dim=64, hidden_dim=32, latent_dim=4, n_layers=4)
+    fresh.load_state_dict(model.state_dict())
+    fresh.fit_nap_statistics([(dm.datasets["train"].x,)])
+    refitted = {k: v for k, v in model.state_dict().items() if k.startswith("nap.")}
+    for name, tensor in fresh.state_dict().items():
+        if name.startswith("nap."):
+            torch.testing.assert_close(refitted[name], tensor, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(validated[k], refitted[k]) for k in validated)

@@ -13,7 +13,7 @@ from helpers import read_scalars
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from rae_lightning import AutoEncoder, DigitsDataModule, VariationalAutoEncoder
-from rae_lightning.cli import main
+from rae_lightning.cli import RAECLI, main
 from rae_lightning.scoring import pathway_differences, sap_score
 
 DIGITS_RAE = Path(__file__).parents[1] / "configs" / "digits_rae.yaml"
@@ -179,3 +179,12 @@ def test_rae_redraws_the_progress_bar_every_ten_steps(monkeypatch, capsys, env, 
     assert os.environ["TQDM_MINITERS"] == str(expected)
     trainer = L.Trainer(accelerator="cpu", logger=False)
     assert trainer.progress_bar_callback.refresh_rate == expected
+
+
+def test_every_datamodule_takes_data_on_device_from_the_config(tmp_path) -> None:
+    for config in ("digits_rae", "tabular_rae", "mnist_rae_official"):
+        args = ["--config", str(DIGITS_RAE.parent / f"{config}.yaml")]
+        args += [f"--trainer.default_root_dir={tmp_path}", "--data.init_args.data_on_device=false"]
+        cli = RAECLI(args=args, run=False)
+
+        assert cli.datamodule.hparams.data_on_device is False

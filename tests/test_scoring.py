@@ -70,17 +70,26 @@ def _randomise(model: nn.Module) -> None:
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
 
 
+# Widths of the pathway RaPP compares for n_layers=4, input 7, width 6, code 2, written out
+# by hand: x; a plain encoder's three hidden layers, or a residual encoder's input
+# projection and its one residual unit (two Linear layers); the code (a VAE: mean and
+# log-variance, 2 x 2).
+PLAIN_PATHWAY = [7, 6, 6, 6, 2]
+RESIDUAL_PATHWAY = [7, 6, 6, 2]
+
+
 @pytest.mark.parametrize(
-    ("cls", "residual", "n_train"),
+    ("cls", "residual", "n_train", "widths"),
     [
-        pytest.param(AutoEncoder, False, 40, id="ae"),
-        pytest.param(AutoEncoder, True, 40, id="rae"),
-        pytest.param(VariationalAutoEncoder, True, 40, id="rvae"),
+        pytest.param(AutoEncoder, False, 40, PLAIN_PATHWAY, id="ae"),
+        pytest.param(AutoEncoder, True, 40, RESIDUAL_PATHWAY, id="rae"),
+        pytest.param(VariationalAutoEncoder, False, 40, [7, 6, 6, 6, 4], id="vae"),
+        pytest.param(VariationalAutoEncoder, True, 40, [7, 6, 6, 4], id="rvae"),
         # 5 samples: the difference covariances are rank-deficient, so the cutoff matters
-        pytest.param(AutoEncoder, True, 5, id="rae-rank-deficient"),
+        pytest.param(AutoEncoder, True, 5, RESIDUAL_PATHWAY, id="rae-rank-deficient"),
     ],
 )
-def test_sap_and_nap_match_numpy(cls, residual: bool, n_train: int) -> None:
+def test_sap_and_nap_match_numpy(cls, residual: bool, n_train: int, widths: list[int]) -> None:
     model = cls(input_dim=7, hidden_dim=6, latent_dim=2, n_layers=4, residual=residual)
     _randomise(model)
     model.eval()
@@ -88,15 +97,22 @@ def test_sap_and_nap_match_numpy(cls, residual: bool, n_train: int) -> None:
     x_train = rng.normal(size=(n_train, 7))
     x_test = rng.normal(size=(9, 7))
 
-    # two batches, so the statistics are accumulated across batches
-    batches = [(torch.as_tensor(x, dtype=torch.float32),) for x in np.array_split(x_train, 2)]
+    # two labelled batches, so the statistics are accumulated across batches; each also
+    # holds far-off samples labelled 1 (anomalies), which the statistics must leave out
+    batches = []
+    for x in np.array_split(x_train, 2):
+        far = rng.normal(size=(3, 7)) * 50
+        xb = torch.as_tensor(np.concatenate([x, far]), dtype=torch.float32)
+        yb = torch.cat([torch.zeros(len(x), dtype=torch.long), torch.ones(3, dtype=torch.long)])
+        batches.append((xb, yb))
     model.fit_nap_statistics(batches)
     with torch.no_grad():
         terms, _ = model.score_batch(torch.as_tensor(x_test, dtype=torch.float32))
 
     train_diffs = _np_diffs(model, x_train.astype(np.float32).astype(np.float64))
     test_diffs = _np_diffs(model, x_test.astype(np.float32).astype(np.float64))
-    assert len(test_diffs) == len(model.net.encoder.blocks) + 2
+    assert [d.shape[1] for d in test_diffs] == widths
+    assert [d.shape[1] for d in model.pathway(torch.zeros(2, 7))] == widths
     sap = sum((d**2).sum(axis=1) for d in test_diffs)
     nap = np.zeros(len(x_test))
     for train_d, test_d in zip(train_diffs, test_diffs, strict=True):

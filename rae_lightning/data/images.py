@@ -76,6 +76,7 @@ class ImageDataModule(NoveltyDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        data_on_device: bool | None = None,
     ) -> None:
         if dataset not in IMAGE_DATASETS:
             raise ValueError(f"dataset must be one of {list(IMAGE_DATASETS)}, got {dataset!r}")
@@ -95,6 +96,7 @@ class ImageDataModule(NoveltyDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
+            data_on_device=data_on_device,
         )
         self._source: np.ndarray | None = None
 

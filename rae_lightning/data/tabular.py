@@ -104,6 +104,7 @@ class TabularDataModule(NoveltyDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        data_on_device: bool | None = None,
     ) -> None:
         if (path is None) == (train_path is None):
             raise ValueError(
@@ -141,6 +142,7 @@ class TabularDataModule(NoveltyDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
+            data_on_device=data_on_device,
         )
         self._n_features: int | None = None
         self._source: np.ndarray | None = None
