@@ -71,7 +71,7 @@ class RAECLI(LightningCLI):
     config and data build before Lightning loads it.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("model_class", AnomalyDetector)
         kwargs.setdefault("datamodule_class", NoveltyDataModule)
         kwargs.setdefault("subclass_mode_model", True)

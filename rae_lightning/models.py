@@ -346,6 +346,8 @@ class AnomalyDetector(L.LightningModule):
         return terms["loss"].mean(), terms
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The mean loss of a batch ``(x, y)``; ``train/loss`` (and the subclass's terms)
+        logged on the steps the Trainer writes (see :meth:`_logs_this_step`)."""
         loss, terms = self.shared_step(batch)
         if self._logs_this_step(batch_idx):
             self.log("train/loss", loss)
@@ -394,9 +396,12 @@ class AnomalyDetector(L.LightningModule):
         return score, y
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Score a batch ``(x, y)`` and update the ``val/`` metrics."""
         self._eval_step("val", batch, batch_idx)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Score a batch ``(x, y)`` and update the ``test/`` metrics, including AUPRC, the
+        ROC curve and precision, recall and F1 at the saved threshold."""
         score, y = self._eval_step("test", batch, batch_idx)
         self.test_auprc.update(score, y)
         self.log("test/auprc", self.test_auprc)
@@ -636,6 +641,8 @@ class AnomalyDetector(L.LightningModule):
         self.flush_g_norm()
 
     def configure_optimizers(self) -> Any:
+        """The configured optimizer at ``lr``, with the LR scheduler when one is set
+        (``ReduceLROnPlateau`` watches ``val/loss``)."""
         optimizer = self.optimizer(self.parameters(), lr=self.hparams.lr)
         if self.lr_scheduler is None:
             return optimizer

@@ -62,6 +62,7 @@ class PlainLayer(nn.Module):
         self.act = act_layer()
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(batch, in_dim)`` to ``(batch, out_dim)``."""
         return self.act(self.norm(self.linear(x)))
 
 
@@ -85,6 +86,7 @@ class ResidualUnit(nn.Module):
         self.branch = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(batch, dim)`` to ``(batch, dim)``: the input plus the branch."""
         return x + self.branch(x)
 
 
@@ -138,6 +140,7 @@ class MLPStack(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(batch, in_dim)`` to ``(batch, out_dim)``."""
         for block in self.blocks:
             x = block(x)
         return self.head(x)
@@ -190,9 +193,11 @@ class AutoEncoderNet(nn.Module):
         self.decoder = MLPStack(latent_dim, hidden_dim, input_dim, n_layers, residual, **kw)
 
     def encode(self, x: Tensor) -> Tensor:
+        """The code of ``x`` ``(batch, input_dim)``: ``(batch, latent_dim)``."""
         return self.encoder(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction of ``x``: ``(batch, input_dim)`` to ``(batch, input_dim)``."""
         z = self.encoder(x)
         return self.decoder(z)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +96,26 @@ def gather_rows(trainer: L.Trainer, rows: Tensor) -> Tensor:
 
 
 def write_csv(path: Path, rows: Tensor) -> None:
-    """Write rows ``(n, 4)`` of (index, score, decision, label); -1 becomes an empty cell."""
+    """Write rows ``(n, 4)`` of (index, score, decision, label); -1 becomes an empty cell.
+
+    The file is written beside its target and renamed over it, so a run stopped while
+    writing leaves no half-written file under ``path``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for index, score, decision, label in rows.tolist():
-            writer.writerow(
-                [
-                    int(index),
-                    f"{score:.9g}",
-                    "" if decision < 0 else int(decision),
-                    "" if label < 0 else int(label),
-                ]
-            )
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            for index, score, decision, label in rows.tolist():
+                writer.writerow(
+                    [
+                        int(index),
+                        f"{score:.9g}",
+                        "" if decision < 0 else int(decision),
+                        "" if label < 0 else int(label),
+                    ]
+                )
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -435,3 +435,20 @@ def test_no_normal_rows_names_the_protocol_of_the_config(tmp_path: Path) -> None
 
     with pytest.raises(ValueError, match=r"under protocol 'leave_one_out' with classes \[0, 1\]"):
         dm.setup()
+
+
+def test_npz_of_python_objects_or_not_an_npz_is_named(tmp_path: Path) -> None:
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, X=np.array([[1, "a"], [2, "b"]], dtype=object), y=np.array([0, 1]))
+    broken = tmp_path / "broken.npz"
+    broken.write_text("not a zip archive\n")
+
+    with pytest.raises(ValueError, match=r"objects\.npz: key 'X' holds Python objects"):
+        TabularDataModule(path=str(objects)).setup()
+    with pytest.raises(ValueError, match=r"broken\.npz: not a readable NPZ file"):
+        TabularDataModule(path=str(broken)).setup()
+
+
+def test_stride_without_window_is_refused() -> None:
+    with pytest.raises(ValueError, match="stride goes with window; set window too, got stride=4"):
+        TabularDataModule(path="t.csv", stride=4)

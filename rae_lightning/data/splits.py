@@ -33,7 +33,8 @@ class NoveltySplit:
     is_anomaly: np.ndarray
 
     def labels(self, split: str) -> np.ndarray:
-        """Anomaly labels (0/1, int64) of the samples of ``split``."""
+        """Anomaly labels (int64: 1 anomaly, 0 normal, -1 unknown) of the samples of
+        ``split``."""
         return self.is_anomaly[getattr(self, split)].astype(np.int64)
 
     def describe(self) -> str:

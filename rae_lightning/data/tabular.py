@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -126,6 +127,8 @@ class TabularDataModule(NoveltyDataModule):
             raise ValueError(f"window must be at least 1 or None, got {window}")
         if stride < 1:
             raise ValueError(f"stride must be at least 1, got {stride}")
+        if window is None and stride != 1:
+            raise ValueError(f"stride goes with window; set window too, got stride={stride}")
         if feature_columns is not None and len(feature_columns) == 0:
             raise ValueError("feature_columns must name at least one column, or be None")
         super().__init__(
@@ -177,7 +180,7 @@ class TabularDataModule(NoveltyDataModule):
         if path.suffix.lower() == ".csv":
             columns = [str(c) for c in _read_csv(path, nrows=0).columns]
         else:
-            with np.load(path, allow_pickle=False) as npz:
+            with _open_npz(path) as npz:
                 x = _npz_array(npz, path, "X")
                 columns = [str(i) for i in range(x.shape[1] if x.ndim == 2 else 0)]
         label = self.hparams.label_column
@@ -202,7 +205,7 @@ class TabularDataModule(NoveltyDataModule):
             _check_numeric(frame[names], values, path, hp.nan_policy)
             features = values.to_numpy(dtype=np.float64)
         else:
-            with np.load(path, allow_pickle=False) as npz:
+            with _open_npz(path) as npz:
                 x = _npz_array(npz, path, "X")
                 if x.ndim != 2:
                     raise ValueError(
@@ -416,10 +419,25 @@ def _read_csv(path: Path, nrows: int | None = None) -> pd.DataFrame:
         raise ValueError(f"{path}: not a readable CSV file ({reason})") from None
 
 
-def _npz_array(npz, path: Path, key: str) -> np.ndarray:
+def _open_npz(path: Path) -> Any:
+    """The NPZ archive at ``path`` (without pickles), or a one-line error naming it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable NPZ file ({err})") from None
+
+
+def _npz_array(npz: Any, path: Path, key: str) -> np.ndarray:
     if key not in npz.files:
         raise ValueError(f"{path}: key {key!r} not found; keys: {npz.files}")
-    return npz[key]
+    try:
+        return npz[key]
+    except ValueError:
+        # object arrays need pickle, which a data file must not run
+        raise ValueError(
+            f"{path}: key {key!r} holds Python objects, not numbers; save it as a numeric "
+            "array (np.savez with X.astype(float))"
+        ) from None
 
 
 def _clean_labels(column: pd.Series, path: Path, name: str) -> np.ndarray:
