@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,8 +129,11 @@ def test_test_without_any_run_says_what_to_do(tmp_path: Path, capsys) -> None:
 
 
 def test_console_script_runs_fit(tmp_path: Path) -> None:
-    # the installed entry point, as a user types it, in a fresh process
-    cmd = [sys.executable, "-m", "rae_lightning", "fit", "--config", str(DIGITS_RAE)]
+    # the console script that `pip install` put beside this Python, as a user types it
+    rae = Path(sys.executable).with_name("rae")
+    script = str(rae) if rae.is_file() else shutil.which("rae")
+    assert script is not None, "the rae console script is not installed"
+    cmd = [script, "fit", "--config", str(DIGITS_RAE)]
     result = subprocess.run([*cmd, *_quick(tmp_path)], capture_output=True, text=True, timeout=300)
 
     assert result.returncode == 0, result.stderr[-2000:]

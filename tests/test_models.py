@@ -39,6 +39,9 @@ def test_auroc_and_auprc_match_sklearn(tmp_path, cls, kwargs) -> None:
     labels = torch.cat([out["label"] for out in outputs]).numpy()
     assert len(labels) == len(dm.datasets["test"])
     assert metrics["test/auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-5)
+    # the direction: anomalies (the 1s) score higher after two epochs (0.73 to 0.83 here; a
+    # flipped score or label would give about 1 minus that)
+    assert metrics["test/auroc"] > 0.65
     assert metrics["test/auprc"] == pytest.approx(
         average_precision_score(labels, scores), abs=1e-4
     )
