@@ -187,3 +187,42 @@ def test_samples_left_by_the_fractions_are_reported(caplog: pytest.LogCaptureFix
     assert "45 normal and 0 anomalous samples of the pool that the fractions cut are in no" in (
         caplog.text
     )
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("sizes", [(13, 4), (101, 9), (57, 1)], ids=["13+4", "101+9", "57+1"])
+@pytest.mark.parametrize("protocol", ["one_vs_rest", "leave_one_out", "binary"])
+def test_every_fraction_holds_to_one_sample(protocol: str, sizes: tuple, seed: int) -> None:
+    n_normal, n_anomaly = sizes
+    # class 0 is normal and class 5 anomalous, whatever the protocol calls them
+    labels = np.r_[np.zeros(n_normal, int), np.full(n_anomaly, 5)]
+    labels = np.random.default_rng(seed).permutation(labels)
+    if protocol == "binary":
+        labels = (labels == 5).astype(int)
+    classes = {"one_vs_rest": [0], "leave_one_out": [5], "binary": [1]}[protocol]
+    fracs = {"train_frac": 0.5, "val_frac": 0.3, "test_frac": 0.2, "anomaly_val_frac": 0.4}
+    split = novelty_split(labels, protocol, classes, seed=seed, **fracs)
+    again = novelty_split(labels, protocol, classes, seed=seed, **fracs)
+
+    anomalous = labels == (1 if protocol == "binary" else 5)
+    np.testing.assert_array_equal(split.is_anomaly, anomalous)
+    assert not anomalous[split.train].any()
+    used = np.concatenate([split.train, split.val, split.test])
+    assert len(used) == len(np.unique(used)) == len(labels)
+    assert abs(len(split.train) - 0.5 * n_normal) <= 1
+    assert abs((split.labels("val") == 0).sum() - 0.3 * n_normal) <= 1
+    assert abs(split.labels("val").sum() - 0.4 * n_anomaly) <= 1
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(split, name), getattr(again, name))
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.35, 0.5])
+def test_anomaly_ratio_holds_to_one_sample_at_odd_sizes(ratio: float) -> None:
+    labels = np.r_[np.zeros(77, int), np.ones(23, int)]
+
+    split = novelty_split(labels, "binary", [1], anomaly_ratio=ratio, seed=3)
+
+    for name in ("val", "test"):
+        flags = split.labels(name)
+        assert abs(flags.sum() - ratio * len(flags)) <= 1
+        assert flags.sum() >= 1 and (flags == 0).sum() >= 1

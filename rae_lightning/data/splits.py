@@ -138,7 +138,10 @@ def _balance(
 
 def _cut(items: np.ndarray, *fractions: float | None) -> list[np.ndarray]:
     """Consecutive pieces of ``items`` holding the given shares of it (rounded); a share of
-    None takes all the rest."""
+    None takes all the rest, and so does the last share when the shares add up to 1, so
+    that rounding leaves no item out (each piece stays within one item of its share)."""
+    if None not in fractions and abs(sum(fractions) - 1.0) < 1e-9:
+        fractions = (*fractions[:-1], None)
     pieces, start = [], 0
     for frac in fractions:
         size = len(items) - start if frac is None else int(round(frac * len(items)))
