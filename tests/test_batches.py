@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DistributedSampler
 
+from rae_lightning import AutoEncoder
 from rae_lightning.data.base import BatchTensorDataset, TensorBatchSampler
 from rae_lightning.data.digits import DigitsDataModule
 
@@ -63,3 +65,23 @@ def test_lightning_can_swap_in_a_distributed_sampler() -> None:
 
     assert all(len(half) == 16 for half in halves)  # 20 each, the last partial batch dropped
     assert not set(halves[0].tolist()) & set(halves[1].tolist())
+
+
+def test_training_never_asks_the_dataset_for_one_sample(monkeypatch, tmp_path) -> None:
+    def one_sample(self, index):
+        raise AssertionError(f"per-sample access to sample {index} in the data path")
+
+    monkeypatch.setattr(BatchTensorDataset, "__getitem__", one_sample)
+    dm = DigitsDataModule(protocol="leave_one_out", classes=[1], batch_size=64)
+    model = AutoEncoder(input_dim=64, hidden_dim=16, latent_dim=4, n_layers=2)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=4, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+
+    trainer.fit(model, dm)
+    trainer.test(model, dm, verbose=False)
+    trainer.predict(model, dm)
+
+    assert trainer.global_step == 4

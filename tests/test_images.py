@@ -193,15 +193,19 @@ def _quick(tmp_path: Path, root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("config", "folder"),
+    ("config", "folder", "compress"),
     [
-        ("mnist_rae_official", "MNIST"),
-        ("fashion_mnist_rae_rapp", "FashionMNIST"),
+        ("mnist_rae_official", "MNIST", False),
+        ("mnist_rae_rapp", "MNIST", True),
+        ("fashion_mnist_rae_official", "FashionMNIST", False),
+        ("fashion_mnist_rae_rapp", "FashionMNIST", True),
     ],
 )
-def test_fit_and_test_through_the_cli(tmp_path: Path, config: str, folder: str, caplog) -> None:
+def test_fit_and_test_through_the_cli(
+    tmp_path: Path, config: str, folder: str, compress: bool, caplog
+) -> None:
     root = tmp_path / "data"
-    write_mnist_like(root, folder, compress=folder == "FashionMNIST")
+    write_mnist_like(root, folder, compress=compress)
     args = ["--config", str(CONFIGS / f"{config}.yaml"), *_quick(tmp_path, root)]
 
     with caplog.at_level(logging.INFO):
@@ -224,3 +228,18 @@ def test_image_configs_know_input_dim_without_files(config: str, tmp_path: Path)
     assert isinstance(cli.datamodule, ImageDataModule)
     expected = 3072 if "cifar" in config else 784
     assert cli.model.hparams.input_dim == cli.datamodule.input_dim == expected
+
+
+def test_standardised_pixels_use_the_training_normals_only(mnist_root) -> None:
+    root, written = mnist_root
+    dm = ImageDataModule(dataset="mnist", root=str(root), classes=[3], standardize=True)
+    dm.setup()
+
+    raw = written["train"][0].reshape(-1, 784).astype(np.float64) / 255.0
+    train = raw[dm.split.train]
+    np.testing.assert_allclose(dm.mean.numpy(), train.mean(axis=0), atol=1e-6)
+    x = dm.datasets["train"].x.numpy()
+    np.testing.assert_allclose(x.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(x.std(axis=0, ddof=1), 1.0, rtol=1e-4)
+    test = dm.datasets["test"].x.numpy() * dm.std.numpy() + dm.mean.numpy()
+    np.testing.assert_allclose(test, written["t10k"][0].reshape(-1, 784) / 255.0, atol=1e-5)
