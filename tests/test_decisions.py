@@ -23,11 +23,14 @@ from rae_lightning.prediction import PredictionWriter
 DIGITS_RAE = Path(__file__).parents[1] / "configs" / "digits_rae.yaml"
 
 
-def test_checkpoints_carry_the_threshold_and_nap_statistics_of_their_weights(tmp_path) -> None:
+@pytest.mark.parametrize("rule", ["f1", "quantile"])
+def test_checkpoints_carry_the_threshold_and_nap_statistics_of_their_weights(
+    tmp_path, rule: str
+) -> None:
     L.seed_everything(0)
     dm = DigitsDataModule(protocol="leave_one_out", classes=[1])
     model = AutoEncoder(
-        input_dim=64, hidden_dim=32, latent_dim=4, n_layers=4, residual=True, threshold="f1"
+        input_dim=64, hidden_dim=32, latent_dim=4, n_layers=4, residual=True, threshold=rule
     )
     every_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
     trainer = quiet_trainer(
@@ -64,6 +67,14 @@ def test_checkpoints_carry_the_threshold_and_nap_statistics_of_their_weights(tmp
         decisions = last.decide(last(x_test))
         assert torch.equal(decisions, model.decide(model(x_test)))
     assert 0 < int(decisions.sum()) < len(x_test)
+    if rule == "quantile":
+        # 95% of the validation normals lie at or below the threshold
+        val = dm.datasets["val"]
+        with torch.no_grad():
+            normal_scores = last(val.x[val.y == 0])
+        assert float((normal_scores <= last.threshold).float().mean()) == pytest.approx(
+            0.95, abs=1 / len(normal_scores) + 1e-9
+        )
 
 
 def test_predict_writes_unknown_labels_as_empty_cells(tmp_path) -> None:
