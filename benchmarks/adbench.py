@@ -21,11 +21,10 @@ import csv
 import logging
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from statistics import mean, stdev
 
-from runs import append_row, fit_and_test_last
+from runs import fit_and_test_last, run_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tabular_rae.yaml"
@@ -128,18 +127,16 @@ def main() -> None:
     csv_path = opts.out / "adbench.csv"
     done = read_rows(csv_path)
     jobs = [(f, m, s) for f in files for s in opts.seeds for m in MODELS]
-    key = {job: (job[0].stem, job[1], job[2], opts.max_epochs) for job in jobs}
-    todo = [job for job in jobs if key[job] not in done]
-    log.info("%d runs, %d already in %s", len(jobs), len(jobs) - len(todo), csv_path)
-    with ProcessPoolExecutor(opts.workers) as pool:
-        futures = [pool.submit(run_one, *job, opts.max_epochs) for job in todo]
-        for future in futures:
-            row = future.result()
-            log.info("%s", row)
-            append_row(csv_path, row)
-            done[(row["dataset"], row["model"], row["seed"], row["epochs"])] = row
-
-    rows = [done[key[job]] for job in jobs]
+    rows = run_missing(
+        jobs,
+        lambda job: (job[0].stem, job[1], job[2], opts.max_epochs),
+        done,
+        run_one,
+        lambda row: (row["dataset"], row["model"], row["seed"], row["epochs"]),
+        csv_path,
+        opts.workers,
+        opts.max_epochs,
+    )
     table = summarise(rows, [f.stem for f in files])
     minutes = sum(float(r["seconds"]) for r in rows) / 60
     header = (

@@ -18,11 +18,10 @@ import argparse
 import csv
 import logging
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from statistics import mean, stdev
 
-from runs import append_row, fit_and_test_last
+from runs import fit_and_test_last, run_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"AE": ROOT / "configs" / "digits_ae.yaml", "RAE": ROOT / "configs" / "digits_rae.yaml"}
@@ -102,17 +101,16 @@ def main() -> None:
     csv_path = opts.out / "rapp_digits.csv"
     done = read_rows(csv_path)
     jobs = [(m, d, s) for s in opts.seeds for d in opts.digits for m in CONFIGS]
-    todo = [job for job in jobs if (*job, opts.max_epochs) not in done]
-    log.info("%d runs, %d already in %s", len(jobs), len(jobs) - len(todo), csv_path)
-    with ProcessPoolExecutor(opts.workers) as pool:
-        futures = [pool.submit(run_one, *job, opts.max_epochs) for job in todo]
-        for future in futures:
-            row = future.result()
-            log.info("%s", row)
-            append_row(csv_path, row)
-            done[(row["model"], row["digit"], row["seed"], row["epochs"])] = row
-
-    rows = [done[(*job, opts.max_epochs)] for job in jobs]
+    rows = run_missing(
+        jobs,
+        lambda job: (*job, opts.max_epochs),
+        done,
+        run_one,
+        lambda row: (row["model"], row["digit"], row["seed"], row["epochs"]),
+        csv_path,
+        opts.workers,
+        opts.max_epochs,
+    )
     table = summarise(rows, opts.seeds, opts.digits)
     minutes = sum(float(r["seconds"]) for r in rows) / 60
     header = (

@@ -6,9 +6,12 @@ from __future__ import annotations
 import csv
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("runs")
 
 
 def fit_and_test_last(
@@ -55,3 +58,28 @@ def append_row(path: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def run_missing(
+    jobs: Sequence[tuple],
+    key: Callable[[tuple], Hashable],
+    done: dict[Hashable, dict],
+    run_one: Callable[..., dict],
+    row_key: Callable[[dict], Hashable],
+    csv_path: Path,
+    workers: int,
+    max_epochs: int,
+) -> list[dict]:
+    """Run ``run_one(*job, max_epochs)`` for every job whose ``key`` is not in ``done``,
+    ``workers`` at a time, appending each finished row to ``csv_path`` at once (so an
+    interrupted benchmark resumes); returns the rows of all jobs, in job order."""
+    todo = [job for job in jobs if key(job) not in done]
+    log.info("%d runs, %d already in %s", len(jobs), len(jobs) - len(todo), csv_path)
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(run_one, *job, max_epochs) for job in todo]
+        for future in futures:
+            row = future.result()
+            log.info("%s", row)
+            append_row(csv_path, row)
+            done[row_key(row)] = row
+    return [done[key(job)] for job in jobs]
