@@ -313,12 +313,13 @@ def plot_depth(results: pd.DataFrame, metric: str, ax: Any, log_y: bool = False)
     ax.legend()
 
 
-def logged_scalars(run_dir: str | Path, tag: str) -> pd.Series:
-    """A scalar that ``rae fit`` logged in a sweep run (``run_dir/lightning_logs/version_0``),
-    indexed by step; empty when the run has no such logs."""
+def logged_scalars(run_dir: str | Path, tag: str, version: int = 0) -> pd.Series:
+    """A scalar logged under ``run_dir/lightning_logs/version_<version>`` (in a sweep run,
+    version 0 is ``rae fit`` and version 1 ``rae test``), indexed by step; empty when the
+    run has no such logs."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    log_dir = Path(run_dir) / "lightning_logs" / "version_0"
+    log_dir = Path(run_dir) / "lightning_logs" / f"version_{version}"
     accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
     if tag not in accumulator.Tags().get("scalars", []):
