@@ -15,6 +15,8 @@ fit, per batch size:
 - ``hand``: the same plain :class:`~rae_lightning.networks.AutoEncoderNet`, batches cut
   from a random permutation of the tensor, Adam, ``clip_grad_norm_`` each step, whose
   return value (the pre-clip norm, that is ``g_norm``) is kept on the device.
+- with ``--compile``, ``hand-compiled`` and ``rae-compiled``: the same with the network
+  wrapped in ``torch.compile`` (compiled in the untimed first batches).
 
 Each arm trains one epoch from a freshly seeded model; the clock runs from batch
 ``--skip`` to the end of the epoch. GFLOP/s counts the multiply-adds of the Linear layers,
@@ -192,20 +194,26 @@ def trainer(args: argparse.Namespace, root: str, progress_bar: bool, clock: Epoc
     )
 
 
-def fit_rae(args: argparse.Namespace, dm: InMemoryDataModule, progress_bar: bool) -> float:
+def fit_rae(
+    args: argparse.Namespace, dm: InMemoryDataModule, progress_bar: bool, compiled: bool = False
+) -> float:
     torch.manual_seed(1)
     model = AutoEncoder(**model_kwargs(args), lr=LR)
+    if compiled:
+        model.net = torch.compile(model.net)
     clock = EpochClock(args.skip, torch.device(args.device))
     with tempfile.TemporaryDirectory() as root:
         trainer(args, root, progress_bar, clock).fit(model, datamodule=dm)
     return clock.rate
 
 
-def fit_hand(args: argparse.Namespace, x: Tensor) -> float:
+def fit_hand(args: argparse.Namespace, x: Tensor, compiled: bool = False) -> float:
     device = torch.device(args.device)
     torch.manual_seed(1)
     net = AutoEncoderNet(**model_kwargs(args)).to(device)
     params = list(net.parameters())
+    if compiled:
+        net = torch.compile(net)
     optimizer = torch.optim.Adam(params, lr=LR)
     x = x.to(device)
     batch_size = args.batch_size
@@ -368,6 +376,9 @@ def main() -> None:
     parser.add_argument("--no-score", action="store_true", help="skip the scoring benchmark")
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
     parser.add_argument("--no-bar-arm", action="store_true", help="skip rae-nobar")
+    parser.add_argument(
+        "--compile", action="store_true", help="also torch.compile the network in both loops"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -407,6 +418,9 @@ def main() -> None:
         }
         if not args.no_bar_arm:
             arms["rae-nobar"] = lambda dm=dm: fit_rae(args, dm, progress_bar=False)
+        if args.compile:
+            arms["hand-compiled"] = lambda: fit_hand(args, x, compiled=True)
+            arms["rae-compiled"] = lambda dm=dm: fit_rae(args, dm, False, compiled=True)
         rates: dict[str, list[float]] = {name: [] for name in arms}
         for _ in range(args.repeats):
             for name, arm in arms.items():

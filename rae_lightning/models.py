@@ -635,10 +635,16 @@ class AnomalyDetector(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # loaded weights come with their own NAP statistics and threshold
         self._validated_step = None
+        # a resumed run that diverges can still name the last finite g_norm before it
+        last = checkpoint.get("g_norm_last")
+        self.g_norm_history = [(int(last[0]), float(last[1]))] if last else []
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # every step before this save is checked, so no checkpoint holds diverged weights
         self.flush_g_norm()
+        if self.g_norm_history:
+            step, value = self.g_norm_history[-1]
+            checkpoint["g_norm_last"] = [step, value]
 
     def configure_optimizers(self) -> Any:
         """The configured optimizer at ``lr``, with the LR scheduler when one is set

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -264,6 +265,15 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, ca
     assert all(
         torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point()
     )
+    assert ckpt["g_norm_last"][0] == 5 and math.isfinite(ckpt["g_norm_last"][1])
+
+    # resumed from it and poisoned again at once: the message still names a finite g_norm
+    resumed = [*args, "--ckpt_path=last", "--trainer.callbacks+=helpers.PoisonBatch"]
+    with pytest.raises(SystemExit):
+        main([*resumed, "--trainer.callbacks.step=6"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rae:")]
+    assert "non-finite gradient at step 6 (last finite g_norm: " in err[0]
+    assert "at step 5)" in err[0]
 
 
 TABULAR = ROOT / "configs" / "tabular_rae.yaml"
