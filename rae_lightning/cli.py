@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,9 @@ class RAECLI(LightningCLI):
 
     def _resolve_ckpt_path(self) -> None:
         """Find, read and check the checkpoint that validate, test or predict evaluate."""
+        # Each of these commands logs to a run folder of its own, so Lightning warns that the
+        # checkpoint's ModelCheckpoint state points elsewhere; that state only matters to fit
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
         self._check_data()
         config = self.config_init[self.subcommand]
         if config.get("weights_only") is None:
