@@ -6,7 +6,6 @@ plain containers only, so a file from an untrusted source cannot run code while 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
+
+from rae_lightning.files import atomic_write
 
 _AUROC_IN_NAME = re.compile(r"-auroc(\d+\.\d+)")
 # hyperparameters that fix the shape and kind of the network
@@ -181,29 +182,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        try:
-            with open(partial, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
-        _sync_folder(target.parent)
-
-
-def _sync_folder(folder: Path) -> None:
-    # the rename itself reaches the disk only when the folder's entry is flushed
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+        with atomic_write(path, "wb") as handle:
+            torch.save(checkpoint, handle)
 
 
 def use_atomic_saves(trainer: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+
+from rae_lightning.files import atomic_write
 
 COLUMNS = ("index", "score", "decision", "label")
 
@@ -101,21 +102,15 @@ def write_csv(path: Path, rows: Tensor) -> None:
     The file is written beside its target and renamed over it, so a run stopped while
     writing leaves no half-written file under ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            for index, score, decision, label in rows.tolist():
-                writer.writerow(
-                    [
-                        int(index),
-                        f"{score:.9g}",
-                        "" if decision < 0 else int(decision),
-                        "" if label < 0 else int(label),
-                    ]
-                )
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_write(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for index, score, decision, label in rows.tolist():
+            writer.writerow(
+                [
+                    int(index),
+                    f"{score:.9g}",
+                    "" if decision < 0 else int(decision),
+                    "" if label < 0 else int(label),
+                ]
+            )

@@ -358,3 +358,18 @@ def test_a_save_cut_off_halfway_leaves_the_previous_checkpoint_whole(tmp_path, m
     kept = torch.load(last, weights_only=True)
     torch.testing.assert_close(kept["state_dict"]["w"], torch.ones(3))
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_a_text_file_cut_off_halfway_leaves_the_previous_file_whole(tmp_path) -> None:
+    from rae_lightning.files import atomic_write
+
+    target = tmp_path / "predictions.csv"
+    with atomic_write(target, "w", newline="") as f:
+        f.write("index,score\n0,1.5\n")
+
+    with pytest.raises(KeyboardInterrupt), atomic_write(target, "w", newline="") as f:
+        f.write("index,sc")
+        raise KeyboardInterrupt
+
+    assert target.read_text() == "index,score\n0,1.5\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
