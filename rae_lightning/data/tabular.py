@@ -372,16 +372,19 @@ class TabularDataModule(NoveltyDataModule):
         # labels are already anomaly flags (the protocol was applied per row)
         kwargs = self.split_kwargs() | {"protocol": "binary", "classes": [1]}
         files = ", ".join(str(p) for p in self.files.values())
+        # checked here, not left to novelty_split, whose message would name the binary
+        # flags it is given rather than the protocol of the config; unlabelled rows are normal
+        hp = self.hparams
+        normal = (self._source == "train") & ~(self._labelled & (labels == 1))
+        if not normal.any():
+            raise ValueError(
+                f"{files}: no normal training samples under protocol {hp.protocol!r} with "
+                f"classes {[1] if hp.classes is None else list(hp.classes)}"
+            )
         try:
             return novelty_split(labels, **kwargs, source=self._source, labelled=self._labelled)
         except ValueError as err:
-            # the rows' flags are split as binary labels: name the user's protocol instead
-            hp = self.hparams
-            message = str(err).replace(
-                "under protocol 'binary' with classes [1]",
-                f"under protocol {hp.protocol!r} with classes {hp.classes}",
-            )
-            raise ValueError(f"{files}: {message}") from None
+            raise ValueError(f"{files}: {err}") from None
 
     def describe_classes(self) -> str:
         hp = self.hparams
